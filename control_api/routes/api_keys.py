@@ -1,0 +1,7 @@
+"""Endpoints: api-keys."""
+
+from __future__ import annotations
+
+from control_api.endpoints import EndpointGroup
+
+group = EndpointGroup("api-keys")

@@ -1,0 +1,7 @@
+"""Endpoints: users."""
+
+from __future__ import annotations
+
+from control_api.endpoints import EndpointGroup
+
+group = EndpointGroup("users")

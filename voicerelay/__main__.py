@@ -1,0 +1,3 @@
+from voicerelay.cli import main
+
+main()

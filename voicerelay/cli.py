@@ -1,0 +1,77 @@
+"""The `voicerelay` command line: serve the services, migrate, and administer the platform."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import click
+
+from voicerelay.logs import configure_logging
+from voicerelay.settings import MissingSetting, Settings, get_settings
+
+
+def _settings() -> Settings:
+    try:
+        settings = get_settings()
+    except Exception as exc:  # pydantic's message names the variable, never its secret value
+        raise click.ClickException(f"invalid configuration: {exc}") from None
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except MissingSetting as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="voicerelay")
+def main() -> None:
+    """voicerelay: a real-time voice relay for ElevenLabs agents, and its control API.
+
+    Every setting is read from the environment (see config/README.md). `voicerelay up`
+    starts everything locally on embedded defaults.
+    """
+
+
+@main.command()
+@click.option("--host", default=None, help="Interface to bind (default: API_HOST).")
+@click.option("--port", type=int, default=None, help="Port to bind (default: API_PORT).")
+def api(host: str | None, port: int | None) -> None:
+    """Serve the control API (tenants, keys, credentials, agents, call tokens, call logs)."""
+    from voicerelay.serving import serve_api
+
+    settings = _settings()
+    _run(
+        serve_api(
+            settings, host or settings.api_host, port if port is not None else settings.api_port
+        )
+    )
+
+
+@main.command()
+def migrate() -> None:
+    """Apply pending SQL migrations as the schema owner (MIGRATION_DATABASE_URL)."""
+    from control_api.migrate import migrate as run_migrations
+
+    settings = _settings()
+    applied = _run(run_migrations(settings.require("migration_database_url")))
+    click.echo(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+
+
+@main.group()
+def tenant() -> None:
+    """Platform administration of tenants."""
+
+
+@main.group()
+def credentials() -> None:
+    """Maintenance of the encrypted credential vault."""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

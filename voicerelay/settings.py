@@ -1,0 +1,204 @@
+"""Every setting of voicerelay, read from the environment (12-factor names).
+
+One typed place: both services and the command line read their configuration from
+``Settings``. ``config/README.md`` and ``config/example.env`` document each variable.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AnyUrl, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Environment(StrEnum):
+    development = "development"
+    production = "production"
+
+
+def parse_keyring(raw: str, *, key_bytes: int) -> list[tuple[str, bytes]]:
+    """Parse ``kid:base64key,kid:base64key`` into ``[(kid, key)]``; the first entry is active.
+
+    Raises ValueError with a message that never contains key material.
+    """
+    entries: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+    for position, item in enumerate(part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        kid, sep, encoded = item.partition(":")
+        kid = kid.strip()
+        if not sep or not kid or not kid.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"keyring entry {position} must look like 'kid:base64key'")
+        if kid in seen:
+            raise ValueError(f"keyring entry {position} repeats key id {kid!r}")
+        try:
+            key = base64.urlsafe_b64decode(encoded.strip() + "=" * (-len(encoded.strip()) % 4))
+        except (binascii.Error, ValueError):
+            raise ValueError(f"keyring entry {kid!r} is not valid base64") from None
+        if len(key) != key_bytes:
+            raise ValueError(f"keyring entry {kid!r} must decode to {key_bytes} bytes")
+        seen.add(kid)
+        entries.append((kid, key))
+    return entries
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """All configuration. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(
+        env_file=None, case_sensitive=False, extra="ignore", validate_default=True
+    )
+
+    environment: Environment = Environment.production
+    log_level: str = "INFO"
+    log_format: str = Field(default="json", pattern="^(json|text)$")
+    state_dir: Path = Path(".voicerelay")
+
+    # --- Postgres -----------------------------------------------------------------------
+    # The services connect as an application role that owns nothing and cannot bypass RLS.
+    database_url: SecretStr | None = None
+    # Migrations, partition maintenance and `tenant create` connect as the schema owner.
+    migration_database_url: SecretStr | None = None
+    database_pool_min_size: int = Field(default=1, ge=0, le=100)
+    database_pool_max_size: int = Field(default=10, ge=1, le=500)
+    # 0 disables asyncpg's prepared-statement cache: required behind PgBouncer in transaction mode.
+    database_statement_cache_size: int = Field(default=100, ge=0)
+    database_command_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    # --- Redis --------------------------------------------------------------------------
+    redis_url: SecretStr | None = None
+    redis_key_prefix: str = Field(default="vr:", min_length=1, max_length=64)
+
+    # --- Listeners and public addresses -------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    relay_host: str = "127.0.0.1"
+    relay_port: int = Field(default=8090, ge=0, le=65535)
+    emulator_host: str = "127.0.0.1"
+    emulator_port: int = Field(default=8070, ge=0, le=65535)
+    public_api_url: str = "http://127.0.0.1:8080"
+    relay_public_url: str = "ws://127.0.0.1:8090"
+    # Control API base URL as the relay reaches it (service-to-service).
+    control_api_internal_url: str = "http://127.0.0.1:8080"
+    # Client addresses in X-Forwarded-For are trusted only from these proxies.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1"])
+    cors_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_request_body_bytes: int = Field(default=64 * 1024, ge=1024)
+
+    # --- Tokens -------------------------------------------------------------------------
+    jwt_issuer: str = "voicerelay-control-api"
+    access_token_audience: str = "voicerelay-api"
+    relay_token_audience: str = "voicerelay-relay"
+    # Ed25519 keyring, ``kid:base64(32-byte seed)`` comma-separated, first entry signs.
+    signing_keys: SecretStr | None = None
+    access_token_ttl_seconds: int = Field(default=900, ge=60, le=900)
+    refresh_token_ttl_seconds: int = Field(default=14 * 86400, ge=300)
+    refresh_family_max_age_seconds: int = Field(default=30 * 86400, ge=300)
+    refresh_reuse_grace_seconds: int = Field(default=10, ge=0, le=60)
+    # A call token must be presented to the relay within this window after issue.
+    call_token_connect_window_seconds: int = Field(default=300, ge=10, le=3600)
+    # Upper bound on a call's length; call tokens expire this long after issue (plus grace).
+    max_call_duration_seconds: int = Field(default=3600, ge=30, le=4 * 3600)
+    # Shared secret the relay presents to the control API's internal endpoints.
+    internal_service_token: SecretStr | None = None
+
+    # --- Credential vault ---------------------------------------------------------------
+    # AES-256-GCM keyring, ``kid:base64(32 bytes)`` comma-separated, first entry encrypts.
+    encryption_keys: SecretStr | None = None
+
+    # --- Providers ----------------------------------------------------------------------
+    elevenlabs_api_url: str = "https://api.elevenlabs.io"
+    elevenlabs_timeout_seconds: float = Field(default=10.0, gt=0)
+    twilio_api_url: str = "https://api.twilio.com"
+
+    # --- Rate limits (GCRA in Redis) ----------------------------------------------------
+    rate_limit_login_per_minute_per_ip: int = Field(default=20, ge=1)
+    rate_limit_login_burst: int = Field(default=5, ge=0)
+    rate_limit_api_per_second: float = Field(default=20.0, gt=0)
+    rate_limit_api_burst: int = Field(default=40, ge=0)
+
+    # --- Call logs ----------------------------------------------------------------------
+    call_events_stream: str = "call-events"
+    call_events_group: str = "call-log-writer"
+    call_log_max_retention_days: int = Field(default=400, ge=1)
+    call_log_partitions_ahead_months: int = Field(default=3, ge=1, le=24)
+
+    @field_validator("trusted_proxies", "cors_allowed_origins", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator(
+        "public_api_url",
+        "relay_public_url",
+        "control_api_internal_url",
+        "elevenlabs_api_url",
+        "twilio_api_url",
+    )
+    @classmethod
+    def _url(cls, value: str) -> str:
+        AnyUrl(value)
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_keyrings(self) -> Settings:
+        if self.signing_keys is not None:
+            parse_keyring(self.signing_keys.get_secret_value(), key_bytes=32)
+        if self.encryption_keys is not None:
+            parse_keyring(self.encryption_keys.get_secret_value(), key_bytes=32)
+        if self.database_pool_min_size > self.database_pool_max_size:
+            raise ValueError("DATABASE_POOL_MIN_SIZE must not exceed DATABASE_POOL_MAX_SIZE")
+        return self
+
+    # --- Derived helpers ----------------------------------------------------------------
+    def signing_keyring(self) -> list[tuple[str, bytes]]:
+        if self.signing_keys is None:
+            raise MissingSetting("SIGNING_KEYS")
+        ring = parse_keyring(self.signing_keys.get_secret_value(), key_bytes=32)
+        if not ring:
+            raise MissingSetting("SIGNING_KEYS")
+        return ring
+
+    def encryption_keyring(self) -> list[tuple[str, bytes]]:
+        if self.encryption_keys is None:
+            raise MissingSetting("ENCRYPTION_KEYS")
+        ring = parse_keyring(self.encryption_keys.get_secret_value(), key_bytes=32)
+        if not ring:
+            raise MissingSetting("ENCRYPTION_KEYS")
+        return ring
+
+    def require(self, name: str) -> str:
+        """Return a secret or URL setting's value, or fail with the variable's name."""
+        value = getattr(self, name)
+        if value is None:
+            raise MissingSetting(name.upper())
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        return str(value)
+
+    def redis_key(self, *parts: str) -> str:
+        return self.redis_key_prefix + ":".join(parts)
+
+
+class MissingSetting(RuntimeError):
+    def __init__(self, variable: str) -> None:
+        super().__init__(f"{variable} is not set")
+        self.variable = variable
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
