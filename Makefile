@@ -12,9 +12,10 @@ $(UV):
 	.uv/bin/pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
 
 # Installs exactly the hashed versions in requirements.lock, then this project (editable).
-$(VENV)/.installed: requirements.lock pyproject.toml | $(UV)
+# requirements.lock is what containers install; requirements-dev.lock adds the test and lint tools.
+$(VENV)/.installed: requirements-dev.lock pyproject.toml | $(UV)
 	test -x $(VENV)/bin/python || $(UV) venv --quiet --python $(PYTHON) $(VENV)
-	$(UV) pip sync --quiet --require-hashes requirements.lock
+	$(UV) pip sync --quiet --require-hashes requirements-dev.lock
 	$(UV) pip install --quiet --no-deps -e .
 	touch $@
 
@@ -22,8 +23,10 @@ install: $(VENV)/.installed
 
 # Regenerate the lock after editing dependencies in pyproject.toml.
 lock: | $(UV)
-	$(UV) pip compile pyproject.toml --group dev --universal --generate-hashes \
+	$(UV) pip compile pyproject.toml --universal --generate-hashes \
 		--no-header --no-annotate -o requirements.lock
+	$(UV) pip compile pyproject.toml --group dev --universal --generate-hashes \
+		--no-header --no-annotate -o requirements-dev.lock
 
 run: install
 	$(VENV)/bin/voicerelay up
