@@ -131,3 +131,19 @@ async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
 
 
 __all__ = ["TestDatabase", "with_user_and_database"]
+
+
+@pytest.fixture
+async def tenant(database: TestDatabase):  # type: ignore[no-untyped-def]
+    """A fresh tenant (owner user + admin API key) for one test."""
+    from tests.support.tenants import make_tenant
+
+    return await make_tenant(database.owner_dsn)
+
+
+@pytest.fixture
+async def other_tenant(database: TestDatabase):  # type: ignore[no-untyped-def]
+    """A second tenant, the 'attacker' or 'victim' in isolation tests."""
+    from tests.support.tenants import make_tenant
+
+    return await make_tenant(database.owner_dsn)
