@@ -58,6 +58,7 @@ async def migrate(dsn: str, *, lock_timeout_seconds: float = 60.0) -> list[str]:
     """Apply pending migrations; returns the versions applied by this call."""
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
     try:
+        await _check_owner_role(conn)
         # A session lock on a direct connection: never run migrations through PgBouncer.
         await conn.execute(f"SET lock_timeout = '{int(lock_timeout_seconds * 1000)}ms'")
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
@@ -68,6 +69,20 @@ async def migrate(dsn: str, *, lock_timeout_seconds: float = 60.0) -> list[str]:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     finally:
         await conn.close()
+
+
+async def _check_owner_role(conn: asyncpg.Connection) -> None:
+    # The SECURITY DEFINER lookups (login by email, API-key lookup, partition maintenance) run as
+    # the schema owner and must see every tenant's rows; with FORCE ROW LEVEL SECURITY that only
+    # works when the owner bypasses RLS. The services' own role never does.
+    row = await conn.fetchrow(
+        "SELECT rolsuper OR rolbypassrls AS bypass FROM pg_roles WHERE rolname = current_user"
+    )
+    if row is None or not row["bypass"]:
+        raise MigrationError(
+            "run migrations as the schema owner role with BYPASSRLS (or a superuser); "
+            "the services connect as a separate member of voicerelay_app"
+        )
 
 
 async def _apply_pending(conn: asyncpg.Connection) -> list[str]:
