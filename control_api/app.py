@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from control_api import db
 from control_api.calllog.consumer import run_call_log_consumer
+from control_api.metrics import MetricsMiddleware
 from control_api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from control_api.openapi import build_openapi
 from control_api.problems import EXCEPTION_HANDLERS
@@ -64,6 +65,7 @@ def create_app(settings: Settings) -> Starlette:
             await pool.close()
 
     middleware = [
+        Middleware(MetricsMiddleware),
         Middleware(RequestContextMiddleware),
         Middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes),
     ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Any
 
@@ -22,9 +21,11 @@ def _settings() -> Settings:
 
 
 def _run(coro: Any) -> Any:
+    from voicerelay.serving import ServerFailed, run
+
     try:
-        return asyncio.run(coro)
-    except MissingSetting as exc:
+        return run(coro)  # on uvloop
+    except (MissingSetting, ServerFailed) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -1,34 +1,175 @@
-"""Runs the ASGI apps under uvicorn with uvloop, honouring SIGTERM for a graceful stop."""
+"""Runs the ASGI apps under uvicorn on uvloop, stopping them gracefully on SIGTERM or Ctrl-C.
+
+Several servers can share one process (`voicerelay up`): they start together, and on a signal
+they stop one after another in reverse order, so a service stops before the ones it calls.
+A process stopped by a signal exits with status 0; a server that fails to start is an error.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import uvicorn
 
 from voicerelay.settings import Settings
 
+log = logging.getLogger(__name__)
 
-def _loop() -> str:
+T = TypeVar("T")
+
+GRACEFUL_SHUTDOWN_SECONDS = 20
+
+
+class ServerFailed(RuntimeError):
+    """A server exited without serving (port taken, application start-up failed)."""
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     try:
-        import uvloop  # noqa: F401
-    except ImportError:  # pragma: no cover - non-Linux development machines
-        return "asyncio"
-    return "uvloop"
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
 
 
-async def serve_api(settings: Settings, host: str, port: int) -> None:
-    from control_api.app import create_app
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion on uvloop (asyncio where uvloop is unavailable)."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(coro)
 
-    config = uvicorn.Config(
-        create_app(settings),
+
+class _Server(uvicorn.Server):
+    # uvicorn's own handlers re-raise the signal once shut down, so the process would end
+    # "killed by SIGTERM" rather than exit 0, and only one server per process could own them.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class Service:
+    name: str
+    server: uvicorn.Server
+    url: str
+
+
+def make_service(
+    name: str,
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    settings: Settings,
+    scheme: str = "http",
+    **config: Any,
+) -> Service:
+    uvicorn_config = uvicorn.Config(
+        app,
         host=host,
         port=port,
-        loop=_loop(),
         http="httptools",
         lifespan="on",
-        access_log=False,
+        access_log=False,  # request lines can carry tokens in query strings
         log_config=None,
         proxy_headers=True,
         forwarded_allow_ips=",".join(settings.trusted_proxies),
-        timeout_graceful_shutdown=20,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        **config,
     )
-    await uvicorn.Server(config).serve()
+    return Service(name=name, server=_Server(uvicorn_config), url=f"{scheme}://{host}:{port}")
+
+
+def api_service(settings: Settings, host: str, port: int) -> Service:
+    from control_api.app import create_app
+
+    return make_service(
+        "control API", create_app(settings), host=host, port=port, settings=settings
+    )
+
+
+async def _serve(service: Service) -> None:
+    try:
+        await service.server.serve()
+    except SystemExit:
+        # uvicorn calls sys.exit() when it cannot bind or the app's start-up fails.
+        raise ServerFailed(f"{service.name} failed to start (see the log above)") from None
+    if not service.server.started:
+        raise ServerFailed(f"{service.name} failed to start (see the log above)")
+
+
+async def serve_until_stopped(
+    services: Sequence[Service],
+    *,
+    on_started: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or until one server exits), then stop all of them in turn.
+
+    A second signal forces the servers to close without waiting for open connections.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            for service in services:
+                service.server.force_exit = True
+        stop.set()
+
+    installed = _install_signal_handlers(loop, on_signal)
+    tasks = [asyncio.create_task(_serve(s), name=s.name) for s in services]
+    stop_wait = asyncio.create_task(stop.wait())
+    try:
+        if on_started is not None:
+            await _wait_started(services, tasks, stop)
+            if not stop.is_set() and all(s.server.started for s in services):
+                on_started()
+        await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            log.info("stopping")
+        for service, task in reversed(list(zip(services, tasks, strict=True))):
+            service.server.should_exit = True
+            await asyncio.wait([task])
+    finally:
+        stop_wait.cancel()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:
+            raise failure
+
+
+async def _wait_started(
+    services: Sequence[Service], tasks: Sequence[asyncio.Task[None]], stop: asyncio.Event
+) -> None:
+    while not all(s.server.started for s in services):
+        if stop.is_set() or any(t.done() for t in tasks):
+            return
+        await asyncio.sleep(0.02)
+
+
+def _install_signal_handlers(
+    loop: asyncio.AbstractEventLoop, handler: Callable[[], None]
+) -> list[signal.Signals]:
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, handler)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows, threads
+            continue
+        installed.append(sig)
+    return installed
+
+
+async def serve_api(settings: Settings, host: str, port: int) -> None:
+    await serve_until_stopped([api_service(settings, host, port)])

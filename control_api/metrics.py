@@ -1,0 +1,78 @@
+"""Prometheus request metrics for the control API, as a pure-ASGI middleware.
+
+Requests are labelled by method, route template (``/v1/agents/{id}``) and status class (``2xx``).
+Never by the raw path: ids in paths would make every resource its own time series, and a
+scanner probing random URLs could grow the registry without bound. Unmatched paths share one
+label, as do unusual methods.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+UNMATCHED_ROUTE = "<unmatched>"
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+REQUESTS = Counter(
+    "control_api_http_requests_total",
+    "HTTP requests answered by the control API.",
+    ["method", "route", "status"],
+)
+LATENCY = Histogram(
+    "control_api_http_request_duration_seconds",
+    "Time from receiving a request to sending the end of its response.",
+    ["method", "route", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+IN_FLIGHT = Gauge(
+    "control_api_http_requests_in_flight",
+    "HTTP requests the control API is handling right now.",
+)
+
+
+def route_label(scope: Scope) -> str:
+    """The template of the route Starlette's router matched, or one shared label for none."""
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    return template if isinstance(template, str) and template else UNMATCHED_ROUTE
+
+
+def method_label(method: str) -> str:
+    upper = method.upper()
+    return upper if upper in _KNOWN_METHODS else "OTHER"
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request; install it outermost so rejections count too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets when the app raises before responding
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, observing_send)
+        finally:
+            IN_FLIGHT.dec()
+            labels = (method_label(scope["method"]), route_label(scope), status_class(status))
+            REQUESTS.labels(*labels).inc()
+            LATENCY.labels(*labels).observe(time.perf_counter() - started)
