@@ -74,5 +74,48 @@ def credentials() -> None:
     """Maintenance of the encrypted credential vault."""
 
 
+@main.command()
+@click.option("--host", default=None, help="Interface to bind (default: EMULATOR_HOST).")
+@click.option("--port", type=int, default=None, help="Port to bind (default: EMULATOR_PORT).")
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    help="An xi-api-key to accept; repeatable (default: the built-in local development key).",
+)
+def emulator(host: str | None, port: int | None, api_keys: tuple[str, ...]) -> None:
+    """Serve the ElevenLabs Conversational AI emulator (signed URLs) for local runs and tests.
+
+    Point ELEVENLABS_API_URL at it; it accepts any agent id.
+    """
+    import uvicorn
+
+    from voicerelay.emulators.elevenlabs import (
+        DEFAULT_API_KEY,
+        EmulatorConfig,
+        create_emulator_app,
+    )
+
+    settings = _settings()
+    bind_host = host or settings.emulator_host
+    bind_port = port if port is not None else settings.emulator_port
+    config = EmulatorConfig(api_keys=frozenset(api_keys or (DEFAULT_API_KEY,)))
+    if not api_keys:
+        click.echo(f"ElevenLabs emulator accepts the local development key {DEFAULT_API_KEY}")
+    click.echo(f"ElevenLabs emulator on http://{bind_host}:{bind_port}")
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_emulator_app(config),
+            host=bind_host,
+            port=bind_port,
+            lifespan="on",
+            access_log=False,
+            log_config=None,
+            ws_per_message_deflate=False,
+        )
+    )
+    _run(server.serve())
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
