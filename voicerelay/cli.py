@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -62,6 +63,60 @@ def migrate() -> None:
     settings = _settings()
     applied = _run(run_migrations(settings.require("migration_database_url")))
     click.echo(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+
+
+@main.command()
+@click.option(
+    "--api-port", type=click.IntRange(0, 65535), default=None, help="Default: API_PORT (8080)."
+)
+@click.option(
+    "--relay-port", type=click.IntRange(0, 65535), default=None, help="Default: RELAY_PORT (8090)."
+)
+@click.option(
+    "--emulator-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="ElevenLabs emulator port. Default: EMULATOR_PORT (8070).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Embedded data, dev secrets and the demo tenant. Default: STATE_DIR (.voicerelay).",
+)
+@click.option("--no-demo", is_flag=True, help="Neither create nor print the demo tenant.")
+def up(
+    api_port: int | None,
+    relay_port: int | None,
+    emulator_port: int | None,
+    state_dir: Path | None,
+    no_demo: bool,
+) -> None:
+    """Run everything locally in one process (what `make run` calls).
+
+    Starts the control API, the ElevenLabs emulator and, once it exists, the relay, all on
+    127.0.0.1. In development (the default for this command) an unset DATABASE_URL starts an
+    embedded PostgreSQL and an unset REDIS_URL an embedded Redis under the state directory,
+    and missing SIGNING_KEYS / ENCRYPTION_KEYS / INTERNAL_SERVICE_TOKEN are generated there.
+    Configured URLs are used as given and migrated with MIGRATION_DATABASE_URL. Prints the
+    URLs and a demo tenant's API key. Ctrl-C or SIGTERM stops everything.
+    """
+    import os
+
+    from voicerelay.up import UpError, UpOptions, run_up
+
+    settings = _settings()
+    options = UpOptions(
+        api_port=api_port,
+        relay_port=relay_port,
+        emulator_port=emulator_port,
+        state_dir=state_dir,
+        demo=not no_demo,
+    )
+    try:
+        _run(run_up(settings, options, environ=os.environ, echo=click.echo))
+    except UpError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.group()
