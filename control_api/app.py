@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from control_api import db
 from control_api.calllog.consumer import run_call_log_consumer
+from control_api.calllog.maintenance import run_call_log_maintenance
 from control_api.metrics import MetricsMiddleware
 from control_api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from control_api.openapi import build_openapi
@@ -50,6 +51,9 @@ def create_app(settings: Settings) -> Starlette:
             app.state.api = state
             state.tasks.append(
                 asyncio.create_task(run_call_log_consumer(state), name="call-log-consumer")
+            )
+            state.tasks.append(
+                asyncio.create_task(run_call_log_maintenance(state), name="call-log-maintenance")
             )
             log.info("control API ready")
             yield
