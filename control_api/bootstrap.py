@@ -58,6 +58,8 @@ async def create_tenant(
     conn = await asyncpg.connect(owner_dsn, statement_cache_size=0)
     try:
         async with conn.transaction():
+            # Satisfies the tenant policy even for an owner role that is itself subject to RLS.
+            await conn.execute("SELECT set_config('app.tenant_id', $1, true)", str(tenant_id))
             await conn.execute(
                 "INSERT INTO tenants (id, name, slug, max_concurrent_calls, call_log_retention_days)"
                 " VALUES ($1, $2, $3, $4, $5)",
@@ -94,4 +96,47 @@ async def create_tenant(
         owner_password=password,
         api_key_id=key_id,
         api_key=key.plaintext,
+    )
+
+
+@dataclass(frozen=True)
+class TenantCaps:
+    tenant_id: uuid.UUID
+    slug: str
+    max_concurrent_calls: int
+    call_log_retention_days: int
+
+
+async def update_tenant_caps(
+    owner_dsn: str,
+    *,
+    slug: str,
+    max_concurrent_calls: int | None = None,
+    call_log_retention_days: int | None = None,
+) -> TenantCaps | None:
+    """Change a tenant's platform caps; None when no tenant has that slug."""
+    conn = await asyncpg.connect(owner_dsn, statement_cache_size=0)
+    try:
+        row = await conn.fetchrow(
+            """
+            UPDATE tenants SET
+                max_concurrent_calls = coalesce($2, max_concurrent_calls),
+                call_log_retention_days = coalesce($3, call_log_retention_days),
+                updated_at = now()
+            WHERE slug = $1
+            RETURNING id, slug, max_concurrent_calls, call_log_retention_days
+            """,
+            slug,
+            max_concurrent_calls,
+            call_log_retention_days,
+        )
+    finally:
+        await conn.close()
+    if row is None:
+        return None
+    return TenantCaps(
+        tenant_id=row["id"],
+        slug=row["slug"],
+        max_concurrent_calls=row["max_concurrent_calls"],
+        call_log_retention_days=row["call_log_retention_days"],
     )
