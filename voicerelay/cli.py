@@ -129,6 +129,49 @@ def credentials() -> None:
     """Maintenance of the encrypted credential vault."""
 
 
+@credentials.command()
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    default=100,
+    show_default=True,
+    help="Rows re-encrypted and committed per transaction.",
+)
+def rewrap(batch_size: int) -> None:
+    """Re-encrypt every credential under the first (active) key of ENCRYPTION_KEYS.
+
+    Rotate by putting the new key first in ENCRYPTION_KEYS on every service (keep the old
+    ones), then run this as the schema owner (MIGRATION_DATABASE_URL). Remove an old key only
+    after a run reports 0 remaining and 0 failed. Safe to rerun and to run while serving.
+    """
+    from control_api.rewrap import RewrapRefused, rewrap_credentials
+    from control_api.vault import Vault
+
+    settings = _settings()
+    try:
+        vault = Vault(settings.encryption_keyring())
+        report = _run(
+            rewrap_credentials(
+                settings.require("migration_database_url"), vault, batch_size=batch_size
+            )
+        )
+    except (MissingSetting, RewrapRefused) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"rewrapped {report.rewrapped} credential(s) to key {report.active_key_id!r} "
+        f"in {report.batches} batch(es); {report.remaining} remaining; "
+        f"{len(report.failed)} failed"
+    )
+    if report.remaining:
+        click.echo("some rows were locked by other transactions: run the command again")
+    if report.failed:
+        for credential_id in report.failed:
+            click.echo(f"cannot decrypt credential {credential_id}", err=True)
+        raise click.ClickException(
+            f"{len(report.failed)} credential(s) could not be decrypted; keep their keys"
+        )
+
+
 @main.command()
 @click.option("--host", default=None, help="Interface to bind (default: EMULATOR_HOST).")
 @click.option("--port", type=int, default=None, help="Port to bind (default: EMULATOR_PORT).")
