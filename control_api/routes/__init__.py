@@ -7,6 +7,7 @@ from control_api.routes import (
     agents,
     api_keys,
     auth,
+    call_logs,
     calls,
     credentials,
     internal,
@@ -27,6 +28,7 @@ GROUPS: list[EndpointGroup] = [
     credentials.group,
     agents.group,
     calls.group,
+    call_logs.group,
     usage.group,
     internal.group,
 ]
