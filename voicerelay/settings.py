@@ -58,8 +58,14 @@ def _split_csv(value: Any) -> Any:
 class Settings(BaseSettings):
     """All configuration. Field names map to upper-case environment variables."""
 
+    # hide_input_in_errors: pydantic would otherwise quote the raw input (keys, passwords in
+    # URLs) in every validation error, and the command line prints those errors.
     model_config = SettingsConfigDict(
-        env_file=None, case_sensitive=False, extra="ignore", validate_default=True
+        env_file=None,
+        case_sensitive=False,
+        extra="ignore",
+        validate_default=True,
+        hide_input_in_errors=True,
     )
 
     environment: Environment = Environment.production
