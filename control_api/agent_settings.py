@@ -25,6 +25,8 @@ from pydantic import (
     StrictStr,
 )
 
+from control_api.pg_text import PgText, reject_nul
+
 MAX_PHONE_NUMBERS = 20
 MAX_ALLOWED_ORIGINS = 20
 MAX_DYNAMIC_VARIABLES = 50
@@ -132,7 +134,7 @@ VariableValue = (
     StrictBool
     | Annotated[StrictInt, Field(ge=-(2**53), le=2**53)]
     | Annotated[float, Field(strict=True, allow_inf_nan=False)]
-    | Annotated[StrictStr, Field(max_length=4000)]
+    | Annotated[StrictStr, Field(max_length=4000), AfterValidator(reject_nul)]
 )
 DynamicVariables = Annotated[
     dict[VariableName, VariableValue],
@@ -150,13 +152,13 @@ class _Strict(BaseModel):
 
 
 class PromptOverride(_Strict):
-    prompt: str | None = Field(default=None, min_length=1, max_length=20_000)
+    prompt: PgText | None = Field(default=None, min_length=1, max_length=20_000)
     llm: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:/-]{1,100}$")
 
 
 class AgentOverride(_Strict):
     prompt: PromptOverride | None = None
-    first_message: str | None = Field(default=None, max_length=2_000)
+    first_message: PgText | None = Field(default=None, max_length=2_000)
     language: str | None = Field(default=None, pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
 
 
@@ -169,7 +171,7 @@ class TtsOverride(_Strict):
 
 
 class AsrOverride(_Strict):
-    keywords: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
+    keywords: list[Annotated[PgText, Field(min_length=1, max_length=100)]] | None = Field(
         default=None, max_length=100
     )
 

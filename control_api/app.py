@@ -78,7 +78,7 @@ def create_app(settings: Settings) -> Starlette:
             Middleware(
                 CORSMiddleware,
                 allow_origins=settings.cors_allowed_origins,
-                allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                 allow_headers=["authorization", "content-type", "x-request-id"],
                 expose_headers=["x-request-id", "retry-after"],
                 max_age=600,

@@ -188,6 +188,13 @@ async def test_crud(http: httpx.AsyncClient, tenant: NewTenant) -> None:
         ({"allowed_origins": ["*"]}, "allowed_origins"),
         ({"elevenlabs_agent_id": "agent/../x"}, "elevenlabs_agent_id"),
         ({"name": ""}, "name"),
+        ({"name": "nul\u0000"}, "name"),
+        (
+            {"conversation_overrides": {"agent": {"first_message": "\u0000"}}},
+            "conversation_overrides",
+        ),
+        ({"conversation_overrides": {"asr": {"keywords": ["a\u0000"]}}}, "conversation_overrides"),
+        ({"dynamic_variables": {"v": "nul\u0000"}}, "dynamic_variables"),
         ({"credential_id": "nope"}, "credential_id"),
         ({"surprise": 1}, "surprise"),
     ],

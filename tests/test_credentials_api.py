@@ -145,6 +145,8 @@ async def test_secrets_never_appear_in_responses_or_logs(
         {"provider": "openai", "name": "x", "api_key": rejected[5]},
         {"provider": "elevenlabs", "name": "x", "api_key": 12345678901234567890},
         {"provider": "elevenlabs", "name": "x", "api_key": "short"},
+        {"provider": "elevenlabs", "name": "nul\u0000", "api_key": rejected[1]},
+        {"provider": "elevenlabs", "name": "x", "api_key": rejected[2] + "\u0000"},
     ]
     for body in invalid:
         r = await call("POST", "/v1/credentials", json=body)

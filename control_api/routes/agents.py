@@ -19,11 +19,12 @@ from control_api.audio_formats import DEFAULT_AUDIO_FORMAT, AudioFormat
 from control_api.db import tenant_tx
 from control_api.endpoints import ApiCall, ApiModel, EndpointGroup, QueryModel
 from control_api.keyset_cursor import decode_cursor, encode_cursor
+from control_api.pg_text import PgText
 from control_api.problems import Problem
 
 group = EndpointGroup("agents")
 
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+Name = Annotated[PgText, Field(min_length=1, max_length=200)]
 # It ends up in ElevenLabs URLs, so only the characters their agent ids use.
 ElevenLabsAgentId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,200}$")]
 

@@ -17,11 +17,12 @@ from control_api import credential_store as store
 from control_api.db import tenant_tx
 from control_api.endpoints import ApiCall, ApiModel, EndpointGroup, QueryModel
 from control_api.keyset_cursor import decode_cursor, encode_cursor
+from control_api.pg_text import PgText
 from control_api.problems import Problem
 
 group = EndpointGroup("credentials")
 
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+Name = Annotated[PgText, Field(min_length=1, max_length=200)]
 AccountSid = Annotated[str, Field(pattern=r"^AC[0-9a-fA-F]{32}$")]
 
 
