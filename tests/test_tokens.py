@@ -23,8 +23,10 @@ from control_api.bootstrap import NewTenant
 from control_api.problems import Problem
 from control_api.security.access_tokens import verify_access_token
 from control_api.security.signing import SigningKeyring
+from tests.conftest import TestDatabase
 from tests.support.servers import serve
 from tests.support.sessions import bearer, login
+from tests.support.tenants import make_tenant
 from voicerelay.settings import Settings
 
 
@@ -168,11 +170,17 @@ FORGERY_NAMES = [
 ]
 
 
+@pytest.fixture(scope="module")
+async def victim(database: TestDatabase) -> NewTenant:
+    # One tenant for all forgeries: they only read, and each hashing of a password costs time.
+    return await make_tenant(database.owner_dsn)
+
+
 @pytest.mark.parametrize("name", FORGERY_NAMES)
 async def test_forged_or_wrong_tokens_are_rejected(
-    http: httpx.AsyncClient, settings: Settings, tenant: NewTenant, name: str
+    http: httpx.AsyncClient, settings: Settings, victim: NewTenant, name: str
 ) -> None:
-    token = _forgeries(settings, tenant)[name]
+    token = _forgeries(settings, victim)[name]
     r = await _me(http, token)
     assert r.status_code == 401, (name, r.text)
     assert r.headers["content-type"] == "application/problem+json"

@@ -124,6 +124,119 @@ def tenant() -> None:
     """Platform administration of tenants."""
 
 
+@tenant.command("create")
+@click.option("--name", required=True, help="Display name of the tenant.")
+@click.option("--owner-email", required=True, help="Email of the tenant's first owner.")
+@click.option("--slug", default=None, help="URL-safe identifier (default: derived from the name).")
+@click.option(
+    "--max-concurrent-calls",
+    type=click.IntRange(1, 100_000),
+    default=10,
+    show_default=True,
+    help="Platform cap on simultaneous calls.",
+)
+@click.option(
+    "--retention-days",
+    type=click.IntRange(1, 3650),
+    default=90,
+    show_default=True,
+    help="Days call logs are kept.",
+)
+def tenant_create(
+    name: str,
+    owner_email: str,
+    slug: str | None,
+    max_concurrent_calls: int,
+    retention_days: int,
+) -> None:
+    """Create a tenant with its owner and a first API key, as the schema owner.
+
+    Prints the owner's one-time password and the API key: this is the only time either is shown.
+    """
+    import re
+
+    import asyncpg
+
+    from control_api.bootstrap import create_tenant
+    from control_api.emails import InvalidEmail, normalize_email
+
+    settings = _settings()
+    try:
+        email = normalize_email(owner_email)
+    except InvalidEmail:
+        raise click.BadParameter("not a valid email address", param_hint="--owner-email") from None
+    if not 1 <= len(name.strip()) <= 200:
+        raise click.BadParameter("must be 1 to 200 characters", param_hint="--name")
+    # Same rule as the tenants.slug CHECK constraint.
+    if slug is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]{1,62}", slug):
+        raise click.BadParameter(
+            "2-63 characters: lower-case letters, digits and '-', starting with a letter or digit",
+            param_hint="--slug",
+        )
+    try:
+        owner_dsn = settings.require("migration_database_url")
+    except MissingSetting as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        created = _run(
+            create_tenant(
+                owner_dsn,
+                name=name.strip(),
+                owner_email=email,
+                slug=slug,
+                max_concurrent_calls=max_concurrent_calls,
+                call_log_retention_days=retention_days,
+            )
+        )
+    except asyncpg.UniqueViolationError:
+        raise click.ClickException(f"a tenant with slug {slug!r} already exists") from None
+    click.echo(f"Tenant created: {name.strip()}")
+    click.echo(f"  tenant id:      {created.tenant_id}")
+    click.echo(f"  slug:           {created.slug}")
+    click.echo(f"  owner email:    {created.owner_email}")
+    click.echo(f"  owner password: {created.owner_password}  (one-time; change it after sign-in)")
+    click.echo(f"  API key:        {created.api_key}  (role admin)")
+    click.echo("Store the password and the API key now: they are never shown again.")
+
+
+@tenant.command("update")
+@click.option("--slug", required=True, help="The tenant to change.")
+@click.option(
+    "--max-concurrent-calls",
+    type=click.IntRange(1, 100_000),
+    default=None,
+    help="New platform cap on simultaneous calls.",
+)
+@click.option(
+    "--retention-days", type=click.IntRange(1, 3650), default=None, help="Days call logs are kept."
+)
+def tenant_update(slug: str, max_concurrent_calls: int | None, retention_days: int | None) -> None:
+    """Change a tenant's platform caps (not settable through the API), as the schema owner."""
+    from control_api.bootstrap import update_tenant_caps
+
+    if max_concurrent_calls is None and retention_days is None:
+        raise click.UsageError("give --max-concurrent-calls and/or --retention-days")
+    settings = _settings()
+    try:
+        owner_dsn = settings.require("migration_database_url")
+    except MissingSetting as exc:
+        raise click.ClickException(str(exc)) from None
+    caps = _run(
+        update_tenant_caps(
+            owner_dsn,
+            slug=slug,
+            max_concurrent_calls=max_concurrent_calls,
+            call_log_retention_days=retention_days,
+        )
+    )
+    if caps is None:
+        raise click.ClickException(f"no tenant has slug {slug!r}")
+    click.echo(
+        f"Tenant {caps.slug} ({caps.tenant_id}): max concurrent calls "
+        f"{caps.max_concurrent_calls}, call-log retention {caps.call_log_retention_days} days"
+    )
+
+
 @main.group()
 def credentials() -> None:
     """Maintenance of the encrypted credential vault."""
