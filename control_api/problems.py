@@ -30,6 +30,7 @@ _TITLES = {
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
+    504: "Gateway Timeout",
 }
 _DEFAULT_CODES = {
     400: "bad_request",
@@ -46,6 +47,7 @@ _DEFAULT_CODES = {
     500: "internal_error",
     502: "upstream_error",
     503: "unavailable",
+    504: "upstream_timeout",
 }
 
 
