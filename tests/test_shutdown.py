@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import TestDatabase
-from tests.support.services import free_port
+from tests.support.ports import subprocess_port
 from voicerelay.cli import main
 from voicerelay.settings import Settings
 
@@ -56,7 +56,7 @@ def wait_for_health(url: str, process: subprocess.Popen[bytes], deadline_seconds
 
 @pytest.fixture
 def api_process(settings: Settings) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
+    port = subprocess_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "voicerelay", "api", "--port", str(port)],
         env=service_env(settings),
@@ -90,7 +90,7 @@ def test_api_stops_cleanly_on_sigterm(api_process: tuple[subprocess.Popen[bytes]
 
 def test_api_refuses_a_role_that_bypasses_rls(settings: Settings, database: TestDatabase) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "voicerelay", "api", "--port", str(free_port())],
+        [sys.executable, "-m", "voicerelay", "api", "--port", str(subprocess_port())],
         env=service_env(settings, DATABASE_URL=database.owner_dsn),
         capture_output=True,
         timeout=60,

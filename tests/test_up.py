@@ -20,7 +20,7 @@ import pytest
 
 from control_api.routes import all_endpoints
 from tests.conftest import TestDatabase
-from tests.support.services import free_port
+from tests.support.ports import subprocess_port
 from voicerelay.settings import Environment, MissingSetting, Settings
 from voicerelay.up import (
     DEMO_FILE,
@@ -187,7 +187,7 @@ class UpRun:
 
 @contextmanager
 def voicerelay_up(env: dict[str, str], state_dir: Path, logs: Path) -> Iterator[UpRun]:
-    api_port, relay_port, emulator_port = free_port(), free_port(), free_port()
+    api_port, relay_port, emulator_port = subprocess_port(), subprocess_port(), subprocess_port()
     stdout, stderr = logs / "up.out", logs / "up.err"
     with stdout.open("wb") as out, stderr.open("wb") as err:
         process = subprocess.Popen(
