@@ -294,6 +294,7 @@ def emulator_service(plan: Plan, configured: frozenset[str]) -> Service | None:
         host=settings.emulator_host,
         port=settings.emulator_port,
         settings=settings,
+        ws_per_message_deflate=False,  # audio frames gain nothing from compression
     )
     if "ELEVENLABS_API_URL" not in configured:
         url = f"http://{_local_host(settings.emulator_host)}:{settings.emulator_port}"
