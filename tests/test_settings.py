@@ -144,3 +144,20 @@ def test_example_values_are_valid() -> None:
     settings = Settings(**concrete)
     assert settings.database_statement_cache_size == 0
     assert settings.trusted_proxies == ["10.0.0.0/16"]
+
+
+def test_empty_urls_and_secrets_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "DATABASE_URL",
+        "MIGRATION_DATABASE_URL",
+        "REDIS_URL",
+        "SIGNING_KEYS",
+        "ENCRYPTION_KEYS",
+        "INTERNAL_SERVICE_TOKEN",
+    ):
+        monkeypatch.setenv(name, "")
+    settings = Settings()
+    assert settings.database_url is None
+    assert settings.migration_database_url is None
+    assert settings.redis_url is None
+    assert settings.signing_keys is None

@@ -77,8 +77,9 @@ def make_service(
         lifespan="on",
         access_log=False,  # request lines can carry tokens in query strings
         log_config=None,
-        proxy_headers=True,
-        forwarded_allow_ips=",".join(settings.trusted_proxies),
+        # X-Forwarded-For is interpreted in one place only (control_api/client_ip.py and the
+        # relay's admission), against TRUSTED_PROXIES; uvicorn must not rewrite the peer first.
+        proxy_headers=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         **config,
     )

@@ -142,6 +142,22 @@ class Settings(BaseSettings):
     call_log_max_retention_days: int = Field(default=400, ge=1)
     call_log_partitions_ahead_months: int = Field(default=3, ge=1, le=24)
 
+    @field_validator(
+        "database_url",
+        "migration_database_url",
+        "redis_url",
+        "signing_keys",
+        "encryption_keys",
+        "internal_service_token",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `FOO=` in an env file or a compose file means "not set", not "the empty string".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("trusted_proxies", "cors_allowed_origins", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
