@@ -488,6 +488,9 @@ async def test_run_loop_writes_events_and_stops_promptly_when_cancelled(
             await append_call_event(redis_client, stream, event, maxlen=10_000)
 
         async def all_written() -> bool:
+            if task.done():  # the consumer must never die; surface why if it did
+                task.result()
+                raise AssertionError("the consumer task returned")
             return len(await _event_ids(owner_conn, call_id)) == len(events)
 
         await _until(all_written)
