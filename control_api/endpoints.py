@@ -7,6 +7,7 @@ Starlette ``Response`` for anything else. Bad input never reaches handler code.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ class Endpoint:
             if not raw.strip():
                 raise Problem(400, "malformed_json", "The request body is empty.")
             try:
-                return self.body.model_validate_json(raw)
+                parsed = self.body.model_validate_json(raw)
             except ValidationError as exc:
                 if any(e.get("type") == "json_invalid" for e in exc.errors()):
                     raise Problem(
@@ -130,7 +131,13 @@ class Endpoint:
                     "The request body did not match the schema.",
                     errors=validation_errors(exc),
                 ) from None
+            # After validation, so fields that refuse NUL themselves keep their precise errors.
+            if _JSON_NUL in raw:
+                _refuse_nul(raw)
+            return parsed
         form = await request.form()
+        if any(_has_nul(k) or (isinstance(v, str) and _has_nul(v)) for k, v in form.multi_items()):
+            raise _invalid_character("form")
         try:
             return self.body.model_validate(
                 {k: v for k, v in form.multi_items() if isinstance(v, str)}
@@ -144,6 +151,8 @@ class Endpoint:
             ) from None
 
     def _parse_query(self, request: Request) -> Any:
+        if any(_has_nul(k) or _has_nul(v) for k, v in request.query_params.multi_items()):
+            raise _invalid_character("query string")
         if self.query is None:
             if request.query_params:
                 raise Problem(
@@ -166,6 +175,65 @@ class Endpoint:
                 "The query parameters did not match the schema.",
                 errors=validation_errors(exc),
             ) from None
+
+
+# Postgres text and jsonb cannot hold U+0000, so a NUL anywhere in the input would reach the
+# database as a 500. JSON can only carry it escaped; the full check runs when the escape appears.
+_JSON_NUL = b"\\u0000"
+
+
+def _has_nul(text: str) -> bool:
+    return "\x00" in text
+
+
+def _nul_locations(document: Any) -> list[list[str]]:
+    found: list[list[str]] = []
+    pending: list[tuple[list[str], Any]] = [([], document)]
+    while pending:
+        loc, item = pending.pop()
+        if isinstance(item, str):
+            if _has_nul(item):
+                found.append(loc)
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                # A key with a NUL is reported by position only: its text cannot be shown.
+                if _has_nul(key):
+                    found.append([*loc, "<key>"])
+                else:
+                    pending.append(([*loc, key], value))
+        elif isinstance(item, list):
+            pending.extend(([*loc, str(i)], v) for i, v in enumerate(item))
+    return found
+
+
+def _refuse_nul(raw: bytes) -> None:
+    try:
+        # The standard parser takes whatever the model's parser took (huge integers included).
+        document = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _invalid_character("request body") from None
+    locations = _nul_locations(document)
+    if locations:
+        raise _invalid_character(
+            "request body",
+            errors=[
+                {
+                    "loc": loc,
+                    "msg": "must not contain the NUL character",
+                    "type": "invalid_character",
+                }
+                for loc in sorted(locations)[:20]
+            ],
+        )
+
+
+def _invalid_character(where: str, **extra: Any) -> Problem:
+    return Problem(
+        422,
+        "invalid_character",
+        f"The {where} contains a NUL character (U+0000), which is not allowed.",
+        **extra,
+    )
 
 
 def _parse_path_params(params: dict[str, Any]) -> dict[str, Any]:

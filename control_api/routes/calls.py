@@ -27,7 +27,11 @@ MAX_METADATA_BYTES = 4096
 
 
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
-    if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError:  # an integer beyond 64 bits: neither orjson nor the jsonb codec takes it
+        raise ValueError("metadata numbers must fit in 64 bits") from None
+    if len(encoded) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata must serialise to at most {MAX_METADATA_BYTES} bytes")
     return value
 
