@@ -720,6 +720,27 @@ async def test_security_definer_lookups_return_only_what_they_must(
         (victim.tenant.tenant_id, victim.agent_id)
     ]
     assert await app_conn.fetch("SELECT * FROM phone_number_route('%')") == []
+    await _cannot_drop_retained_call_logs(app_conn)
     for months in (0, 121):
         with pytest.raises(asyncpg.RaiseError, match="p_months"):
             await app_conn.fetchval("SELECT ensure_call_log_partitions(current_date, $1)", months)
+
+
+async def _cannot_drop_retained_call_logs(app_conn: asyncpg.Connection) -> None:
+    """The maintenance job's drop function is the role's one destructive cross-tenant power: asked
+    to drop everything, it drops nothing that a tenant's retention still covers. Rolled back
+    whatever it did, so a regression cannot take the session's call logs with it."""
+    month = await app_conn.fetchval("SELECT to_char(current_date, 'YYYYMM')")
+    tx = app_conn.transaction()
+    await tx.start()
+    try:
+        await app_conn.execute("SET LOCAL lock_timeout = '5s'")
+        dropped = [
+            r[0]
+            for r in await app_conn.fetch("SELECT drop_call_log_partitions_before('2999-01-01')")
+        ]
+        assert f"calls_p{month}" not in dropped
+        assert f"call_events_p{month}" not in dropped
+        assert await app_conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"calls_p{month}")
+    finally:
+        await tx.rollback()
