@@ -28,6 +28,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         position = (datetime.fromisoformat(created_at), uuid.UUID(row_id))
     except (binascii.Error, ValueError, TypeError, orjson.JSONDecodeError):
         raise Problem(400, "invalid_cursor", "The cursor is not one this API issued.") from None
-    if position[0].tzinfo is None:
+    # Postgres cannot compare timestamps at the edges of Python's datetime range (a forged cursor
+    # like 0001-01-01T00:00:00+14:00 would be a 500), and no row of ours was created there.
+    if position[0].tzinfo is None or not 1970 <= position[0].year <= 2999:
         raise Problem(400, "invalid_cursor", "The cursor is not one this API issued.")
     return position

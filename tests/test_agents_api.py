@@ -371,3 +371,17 @@ def test_normalisers() -> None:
     ):
         with pytest.raises(ValueError):
             normalize_origin(bad)
+
+
+async def test_forged_cursor_at_datetime_edge_is_400(http, tenant) -> None:  # type: ignore[no-untyped-def]
+    import base64
+
+    import orjson
+
+    from tests.support.tenants import auth
+
+    raw = orjson.dumps(["0001-01-01T00:00:00+14:00", "00000000-0000-0000-0000-000000000000"])
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    r = await http.get("/v1/agents", params={"cursor": cursor}, headers=auth(tenant))
+    assert r.status_code == 400
+    assert r.json()["code"] == "invalid_cursor"
