@@ -199,6 +199,38 @@ def _stop(what: str, stop: Callable[[], None]) -> None:
 # --- Demo tenant ------------------------------------------------------------------------------
 
 
+STACK_ENV_FILE = "stack.env"
+_STACK_VARIABLES = (
+    "environment",
+    "database_url",
+    "migration_database_url",
+    "redis_url",
+    "redis_key_prefix",
+    "signing_keys",
+    "encryption_keys",
+    "internal_service_token",
+    "elevenlabs_api_url",
+    "public_api_url",
+    "relay_public_url",
+    "control_api_internal_url",
+)
+
+
+def write_stack_env(settings: Settings, path: Path) -> None:
+    """The running stack's settings, so `set -a; . .voicerelay/stack.env` lets other commands
+    (`voicerelay tenant create`, `python -m relay.demo`) talk to it from another shell."""
+    lines = ["# Written by `voicerelay up` for this development stack. Contains secrets."]
+    for name in _STACK_VARIABLES:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        text = value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+        lines.append(f"{name.upper()}='{text}'")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def load_demo_tenant(path: Path) -> DemoTenant | None:
     try:
         return DemoTenant(**json.loads(path.read_text()))
@@ -398,6 +430,7 @@ async def run_up(
         emulator = emulator_service(plan, configured)
         if emulator is not None:
             services.append(emulator)
+        write_stack_env(plan.settings, plan.settings.state_dir / STACK_ENV_FILE)
         demo = None
         owner_url = plan.settings.migration_database_url
         if options.demo and owner_url is not None:
