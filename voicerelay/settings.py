@@ -141,6 +141,30 @@ class Settings(BaseSettings):
     call_events_group: str = "call-log-writer"
     call_log_max_retention_days: int = Field(default=400, ge=1)
     call_log_partitions_ahead_months: int = Field(default=3, ge=1, le=24)
+    # Entries kept in the call-event stream (approximate trim); must exceed what the consumer can
+    # fall behind by during a PostgreSQL outage.
+    call_events_stream_maxlen: int = Field(default=1_000_000, ge=10_000)
+
+    # --- Relay --------------------------------------------------------------------------
+    # Identifies this replica in the call registry and logs; defaults to hostname-pid.
+    relay_id: str | None = Field(default=None, max_length=100)
+    # Largest single audio chunk accepted from a client (bytes).
+    relay_max_audio_chunk_bytes: int = Field(default=64 * 1024, ge=320, le=1024 * 1024)
+    # Agent audio chunks queued for one slow client before the oldest are dropped.
+    relay_client_queue_chunks: int = Field(default=250, ge=10, le=10_000)
+    upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # A call with no audio in either direction for this long is ended (reason idle_timeout).
+    call_idle_timeout_seconds: float = Field(default=120.0, gt=0)
+    # On SIGTERM, active calls may continue this long before they are ended (reason shutdown).
+    drain_deadline_seconds: float = Field(default=300.0, ge=0)
+    # Lease on a tenant's concurrent-call slot; renewed every third of it while the call lives.
+    tenant_call_lease_seconds: int = Field(default=30, ge=3, le=600)
+    relay_connect_rate_per_minute_per_ip: int = Field(default=60, ge=1)
+    relay_connect_rate_per_minute_per_tenant: int = Field(default=600, ge=1)
+    # Call-log events buffered in memory while Redis is unreachable, before the oldest are dropped.
+    relay_call_log_buffer_events: int = Field(default=10_000, ge=100)
+    jwks_cache_seconds: float = Field(default=300.0, ge=1)
+    control_api_timeout_seconds: float = Field(default=10.0, gt=0)
 
     @field_validator(
         "database_url",
