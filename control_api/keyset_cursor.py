@@ -12,7 +12,9 @@ import uuid
 from datetime import datetime
 
 import orjson
+from pydantic import Field
 
+from control_api.endpoints import QueryModel
 from control_api.problems import Problem
 
 
@@ -33,3 +35,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     if position[0].tzinfo is None or not 1970 <= position[0].year <= 2999:
         raise Problem(400, "invalid_cursor", "The cursor is not one this API issued.")
     return position
+
+
+class PageQuery(QueryModel):
+    """Query of a newest-first list endpoint: a page size and the cursor of the previous page."""
+
+    limit: int = Field(default=50, ge=1, le=100)
+    cursor: str | None = Field(default=None, max_length=200)

@@ -17,8 +17,8 @@ from control_api.agent_settings import (
 )
 from control_api.audio_formats import DEFAULT_AUDIO_FORMAT, AudioFormat
 from control_api.db import tenant_tx
-from control_api.endpoints import ApiCall, ApiModel, EndpointGroup, QueryModel
-from control_api.keyset_cursor import decode_cursor, encode_cursor
+from control_api.endpoints import ApiCall, ApiModel, EndpointGroup
+from control_api.keyset_cursor import PageQuery, decode_cursor, encode_cursor
 from control_api.pg_text import PgText
 from control_api.problems import Problem
 
@@ -90,11 +90,6 @@ class Agent(BaseModel):
 class AgentPage(BaseModel):
     items: list[Agent]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at end.")
-
-
-class ListQuery(QueryModel):
-    limit: int = Field(default=50, ge=1, le=100)
-    cursor: str | None = Field(default=None, max_length=200)
 
 
 def _out(record: store.AgentRecord) -> Agent:
@@ -172,10 +167,10 @@ async def create_agent(call: ApiCall[AgentCreate, Any]) -> Agent:
     "GET",
     "/v1/agents",
     summary="List agents, newest first",
-    query=ListQuery,
+    query=PageQuery,
     response=AgentPage,
 )
-async def list_agents(call: ApiCall[Any, ListQuery]) -> AgentPage:
+async def list_agents(call: ApiCall[Any, PageQuery]) -> AgentPage:
     after = decode_cursor(call.query.cursor) if call.query.cursor else None
     async with tenant_tx(call.state.pool, call.tenant_id, readonly=True) as conn:
         records = await store.list_agents(conn, limit=call.query.limit + 1, after=after)

@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field, RootModel, SecretStr, field_validator
 
 from control_api import credential_store as store
 from control_api.db import tenant_tx
-from control_api.endpoints import ApiCall, ApiModel, EndpointGroup, QueryModel
-from control_api.keyset_cursor import decode_cursor, encode_cursor
+from control_api.endpoints import ApiCall, ApiModel, EndpointGroup
+from control_api.keyset_cursor import PageQuery, decode_cursor, encode_cursor
 from control_api.pg_text import PgText
 from control_api.problems import Problem
 
@@ -103,11 +103,6 @@ class CredentialPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at end.")
 
 
-class ListQuery(QueryModel):
-    limit: int = Field(default=50, ge=1, le=100)
-    cursor: str | None = Field(default=None, max_length=200)
-
-
 def _out(row: store.CredentialRow) -> Credential:
     return Credential(
         id=row.id,
@@ -156,10 +151,10 @@ async def create_credential(call: ApiCall[CredentialCreate, Any]) -> Credential:
     "GET",
     "/v1/credentials",
     summary="List credentials, newest first",
-    query=ListQuery,
+    query=PageQuery,
     response=CredentialPage,
 )
-async def list_credentials(call: ApiCall[Any, ListQuery]) -> CredentialPage:
+async def list_credentials(call: ApiCall[Any, PageQuery]) -> CredentialPage:
     after = decode_cursor(call.query.cursor) if call.query.cursor else None
     async with tenant_tx(call.state.pool, call.tenant_id, readonly=True) as conn:
         rows = await store.list_credentials(conn, limit=call.query.limit + 1, after=after)
