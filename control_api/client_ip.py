@@ -1,82 +1,32 @@
-"""The client's address for per-IP limits: X-Forwarded-For counts only when a trusted proxy sent it.
-
-Anyone can write an X-Forwarded-For header, so it is read from the right: each hop appended by
-a proxy we trust is skipped, and the first address not in the trusted set is the client. A
-request that did not come from a trusted proxy is judged by its own peer address.
-"""
+"""The client's address of a Starlette request; the logic lives in voicerelay.client_ip."""
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable, Sequence
-from functools import lru_cache
-from typing import TypeAlias
+from collections.abc import Sequence
 
 from starlette.requests import Request
 
-IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+from voicerelay.client_ip import (
+    IPAddress,
+    IPNetwork,
+    TrustedProxies,
+    client_ip,
+    parse_address,
+    trusted_proxies,
+)
+
+__all__ = [
+    "IPAddress",
+    "IPNetwork",
+    "TrustedProxies",
+    "client_ip",
+    "parse_address",
+    "request_client_ip",
+]
 
 
-class TrustedProxies:
-    """Addresses and CIDR ranges from settings.trusted_proxies."""
-
-    def __init__(self, entries: Iterable[str]) -> None:
-        self.networks: list[IPNetwork] = [
-            ipaddress.ip_network(entry.strip(), strict=False) for entry in entries if entry.strip()
-        ]
-
-    def __contains__(self, address: IPAddress) -> bool:
-        address = _unmapped(address)
-        return any(address.version == n.version and address in n for n in self.networks)
-
-
-def parse_address(raw: str) -> IPAddress | None:
-    """An address as proxies write it: bare, ``v4:port``, ``[v6]`` or ``[v6]:port``."""
-    text = raw.strip().strip('"')
-    if text.startswith("["):
-        text = text[1:].partition("]")[0]
-    elif text.count(":") == 1:
-        text = text.partition(":")[0]
-    try:
-        return _unmapped(ipaddress.ip_address(text))
-    except ValueError:
-        return None
-
-
-def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted: TrustedProxies) -> str:
-    """Resolve the client from the direct peer and the X-Forwarded-For header values (in order).
-
-    Returns "unknown" only when the peer itself is missing or unparseable (e.g. a Unix socket).
-    """
-    current = parse_address(peer) if peer else None
-    if current is None:
-        return "unknown"
-    hops = [hop for header in forwarded_for for hop in header.split(",") if hop.strip()]
-    for raw in reversed(hops):
-        if current not in trusted:
-            break
-        previous = parse_address(raw)
-        if previous is None:
-            # A garbled hop: the trusted proxy's own view is all we can rely on.
-            break
-        current = previous
-    return str(current)
-
-
-def _unmapped(address: IPAddress) -> IPAddress:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-@lru_cache(maxsize=8)
-def _trusted(entries: tuple[str, ...]) -> TrustedProxies:
-    return TrustedProxies(entries)
-
-
-def request_client_ip(request: Request, trusted_proxies: Sequence[str]) -> str:
+def request_client_ip(request: Request, trusted: Sequence[str]) -> str:
     peer = request.client.host if request.client else None
     return client_ip(
-        peer, request.headers.getlist("x-forwarded-for"), _trusted(tuple(trusted_proxies))
+        peer, request.headers.getlist("x-forwarded-for"), trusted_proxies(tuple(trusted))
     )
