@@ -1,0 +1,105 @@
+"""Every Prometheus metric of the relay, in one place so names and labels stay consistent.
+
+Labels are small closed sets (direction, result, error code, limiter). Never a call id or a
+tenant id: one time series per call or tenant would grow the registry without bound.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# --- calls and audio --------------------------------------------------------------------------
+ACTIVE_CALLS = Gauge("voicerelay_relay_active_calls", "Calls this relay is carrying right now.")
+CALLS = Counter(
+    "voicerelay_relay_calls_total",
+    "Calls that ended on this relay, by result (the call.ended reason).",
+    ["result"],
+)
+AUDIO_FRAMES = Counter(
+    "voicerelay_relay_audio_frames_total",
+    "Audio chunks relayed, by direction (in: caller to agent, out: agent to caller).",
+    ["direction"],
+)
+AUDIO_BYTES = Counter(
+    "voicerelay_relay_audio_bytes_total",
+    "Audio bytes relayed, by direction, as sent on the wire after any transcoding.",
+    ["direction"],
+)
+UPSTREAM_CONNECT_SECONDS = Histogram(
+    "voicerelay_relay_upstream_connect_seconds",
+    "Time from starting the upstream (ElevenLabs) connection to its conversation metadata.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
+)
+ADDED_LATENCY_SECONDS = Histogram(
+    "voicerelay_relay_added_latency_seconds",
+    "Time an audio chunk spends inside the relay (received to sent on), either direction.",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+ERRORS = Counter(
+    "voicerelay_relay_errors_total",
+    "Errors reported to clients or ending calls, by stable error code.",
+    ["code"],
+)
+CLIENT_QUEUE_DROPPED = Counter(
+    "voicerelay_relay_client_queue_dropped_total",
+    "Agent audio chunks dropped (oldest first) because a client could not keep up.",
+)
+STALE_AUDIO_DROPPED = Counter(
+    "voicerelay_relay_stale_audio_dropped_total",
+    "Agent audio chunks dropped because an interruption made them stale.",
+)
+DRAINING = Gauge(
+    "voicerelay_relay_draining", "1 while this relay is draining (refusing new calls)."
+)
+CONNECT_REJECTED = Counter(
+    "voicerelay_relay_connect_rejected_total",
+    "Socket.IO connections refused, by the connect_error code.",
+    ["code"],
+)
+
+# --- admission --------------------------------------------------------------------------------
+CONNECT_RATE_DECISIONS = Counter(
+    "voicerelay_relay_connect_rate_decisions_total",
+    "Connection-rate checks by limiter (ip, tenant) and result (allowed, limited, error).",
+    ["limiter", "result"],
+)
+TENANT_CAP_DECISIONS = Counter(
+    "voicerelay_relay_tenant_cap_decisions_total",
+    "Tenant concurrent-call slot requests by result (acquired, refused, error).",
+    ["result"],
+)
+TENANT_CAP_RELEASE_ERRORS = Counter(
+    "voicerelay_relay_tenant_cap_release_errors_total",
+    "Slot releases Redis did not take; those slots free themselves when their lease expires.",
+)
+
+# --- control API ------------------------------------------------------------------------------
+JWKS_FETCHES = Counter(
+    "voicerelay_relay_jwks_fetches_total",
+    "Fetches of the control API's JWKS by result (ok, error).",
+    ["result"],
+)
+SESSION_FETCHES = Counter(
+    "voicerelay_relay_session_fetches_total",
+    "Call-session requests to the control API by result (ok or the SessionError code).",
+    ["result"],
+)
+
+# --- call log ---------------------------------------------------------------------------------
+CALL_LOG_APPENDED = Counter(
+    "voicerelay_relay_call_log_appended_total",
+    "Call-log events appended to the Redis stream.",
+)
+CALL_LOG_DROPPED = Counter(
+    "voicerelay_relay_call_log_dropped_total",
+    "Call-log events lost, by reason (buffer_full, rejected, invalid, closed).",
+    ["reason"],
+)
+CALL_LOG_BUFFERED = Gauge(
+    "voicerelay_relay_call_log_buffered",
+    "Call-log events waiting in memory to be appended to Redis.",
+)
+CALL_LOG_APPEND_FAILURES = Counter(
+    "voicerelay_relay_call_log_append_failures_total",
+    "Attempts to append call-log events that failed because Redis was unreachable.",
+)
