@@ -285,6 +285,17 @@ def rewrap(batch_size: int) -> None:
         )
 
 
+_EMULATOR_FORMATS = (
+    "pcm_8000",
+    "pcm_16000",
+    "pcm_22050",
+    "pcm_24000",
+    "pcm_44100",
+    "pcm_48000",
+    "ulaw_8000",
+)
+
+
 @main.command()
 @click.option("--host", default=None, help="Interface to bind (default: EMULATOR_HOST).")
 @click.option("--port", type=int, default=None, help="Port to bind (default: EMULATOR_PORT).")
@@ -294,15 +305,66 @@ def rewrap(batch_size: int) -> None:
     multiple=True,
     help="An xi-api-key to accept; repeatable (default: the built-in local development key).",
 )
-def emulator(host: str | None, port: int | None, api_keys: tuple[str, ...]) -> None:
-    """Serve the ElevenLabs Conversational AI emulator (signed URLs) for local runs and tests.
+@click.option(
+    "--input-format",
+    type=click.Choice(_EMULATOR_FORMATS),
+    default="pcm_16000",
+    show_default=True,
+    help="The agents' user_input_audio_format.",
+)
+@click.option(
+    "--output-format",
+    type=click.Choice(_EMULATOR_FORMATS),
+    default="pcm_16000",
+    show_default=True,
+    help="The agents' agent_output_audio_format (echo replies need it equal to the input).",
+)
+@click.option(
+    "--pacing",
+    type=click.Choice(["realtime", "fast"]),
+    default="realtime",
+    show_default=True,
+    help="Send reply audio in real time, or all at once.",
+)
+@click.option(
+    "--ping-interval",
+    type=click.FloatRange(min=0.05),
+    default=5.0,
+    show_default=True,
+    help="Seconds between the agent's pings.",
+)
+@click.option(
+    "--max-duration",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="Seconds after which a conversation is closed (max_duration_exceeded).",
+)
+@click.option("--first-message", default=None, help="What the agent says when a call starts.")
+@click.option("--public", is_flag=True, help="Agents need no signed URL (public agents).")
+def emulator(
+    host: str | None,
+    port: int | None,
+    api_keys: tuple[str, ...],
+    input_format: str,
+    output_format: str,
+    pacing: str,
+    ping_interval: float,
+    max_duration: float,
+    first_message: str | None,
+    public: bool,
+) -> None:
+    """Serve the ElevenLabs Conversational AI emulator (signed URLs and the ConvAI WebSocket).
 
-    Point ELEVENLABS_API_URL at it; it accepts any agent id.
+    Point ELEVENLABS_API_URL at it; it accepts any agent id, each behaving as configured by
+    the options. The agent echoes what the caller says; `user_message` texts script it (see
+    voicerelay/emulators/convai_script.py).
     """
     import uvicorn
 
     from voicerelay.emulators.elevenlabs import (
         DEFAULT_API_KEY,
+        EmulatedAgent,
         EmulatorConfig,
         create_emulator_app,
     )
@@ -310,7 +372,16 @@ def emulator(host: str | None, port: int | None, api_keys: tuple[str, ...]) -> N
     settings = _settings()
     bind_host = host or settings.emulator_host
     bind_port = port if port is not None else settings.emulator_port
-    config = EmulatorConfig(api_keys=frozenset(api_keys or (DEFAULT_API_KEY,)))
+    agent = EmulatedAgent(
+        input_format=input_format,
+        output_format=output_format,
+        requires_auth=not public,
+        realtime=pacing == "realtime",
+        ping_interval_seconds=ping_interval,
+        max_duration_seconds=max_duration,
+        first_message=first_message,
+    )
+    config = EmulatorConfig(api_keys=frozenset(api_keys or (DEFAULT_API_KEY,)), default_agent=agent)
     if not api_keys:
         click.echo(f"ElevenLabs emulator accepts the local development key {DEFAULT_API_KEY}")
     click.echo(f"ElevenLabs emulator on http://{bind_host}:{bind_port}")
