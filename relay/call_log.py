@@ -99,6 +99,7 @@ class CallLogProducer:
         self._healthy = True
         self._dropped_log = _RateLimitedLog("call-log buffer full; dropped %d oldest events")
         self._failed_log = _RateLimitedLog("cannot append call-log events to Redis (%d attempts)")
+        self._late_log = _RateLimitedLog("call-log events emitted after close: %d dropped")
 
     @property
     def buffered(self) -> int:
@@ -108,7 +109,7 @@ class CallLogProducer:
         """Queue the event for the stream. Never blocks, never raises for Redis trouble."""
         if self._closing:
             CALL_LOG_DROPPED.labels("closed").inc()
-            log.warning("call-log event emitted after close; dropped")
+            self._late_log.hit()
             return
         try:
             fields = encode_event(event)

@@ -136,7 +136,9 @@ class CallTokenVerifier:
             response = await self._http.get(self._url, timeout=self._timeout)
             response.raise_for_status()
             keys = parse_jwks(_json_object(response))
-        except (httpx.HTTPError, ValueError) as exc:
+        except Exception as exc:
+            # Whatever went wrong (network, status, body), the cached keys stay in service; a
+            # failure here must never reach the verifications waiting on this fetch.
             JWKS_FETCHES.labels("error").inc()
             # The exception type only: messages may quote bodies or addresses.
             log.warning(

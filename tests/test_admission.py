@@ -15,6 +15,7 @@ from redis.backoff import NoBackoff
 
 from relay.admission import AdmissionUnavailable, ConnectionRateLimiter, TenantCallCap
 from tests.support.services import free_port
+from voicerelay.client_ip import scope_client_ip
 from voicerelay.settings import Settings
 
 
@@ -216,3 +217,24 @@ async def test_connection_rate_fails_open(dead_redis: aioredis.Redis, settings: 
     for _ in range(3):
         assert await limiter.check("203.0.113.5", uuid.uuid4()) is None
     assert _sample("voicerelay_relay_connect_rate_decisions_total", labels) == before + 3
+
+
+def test_client_address_of_a_socketio_connection_comes_from_the_asgi_scope() -> None:
+    """python-socketio's environ always says REMOTE_ADDR=127.0.0.1; the scope has the peer."""
+
+    def scope(peer: str | None, *forwarded: str) -> dict[str, object]:
+        return {
+            "type": "websocket",
+            "client": (peer, 50000) if peer else None,
+            "headers": [(b"x-forwarded-for", f.encode()) for f in forwarded]
+            + [(b"host", b"relay.example")],
+        }
+
+    trusted = ["127.0.0.1", "10.0.0.0/8"]
+    assert scope_client_ip(scope("203.0.113.9", "198.51.100.1"), trusted) == "203.0.113.9"
+    assert scope_client_ip(scope("10.0.0.3", "6.6.6.6, 198.51.100.1"), trusted) == "198.51.100.1"
+    assert (
+        scope_client_ip(scope("127.0.0.1", "198.51.100.2", "10.0.0.4"), trusted) == "198.51.100.2"
+    )
+    assert scope_client_ip(scope(None, "198.51.100.1"), trusted) == "unknown"
+    assert scope_client_ip({"type": "websocket", "headers": []}, trusted) == "unknown"
