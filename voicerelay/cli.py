@@ -56,6 +56,27 @@ def api(host: str | None, port: int | None) -> None:
 
 
 @main.command()
+@click.option("--host", default=None, help="Interface to bind (default: RELAY_HOST).")
+@click.option("--port", type=int, default=None, help="Port to bind (default: RELAY_PORT).")
+def relay(host: str | None, port: int | None) -> None:
+    """Serve the relay (Socket.IO over WebSocket at /socket.io; /health, /ready, /metrics).
+
+    On SIGTERM it drains: /ready fails and new calls are refused, active calls continue for up
+    to DRAIN_DEADLINE_SECONDS and are then ended with reason "shutdown"; it exits when none remain.
+    """
+    from voicerelay.serving import serve_relay
+
+    settings = _settings()
+    _run(
+        serve_relay(
+            settings,
+            host or settings.relay_host,
+            port if port is not None else settings.relay_port,
+        )
+    )
+
+
+@main.command()
 def migrate() -> None:
     """Apply pending SQL migrations as the schema owner (MIGRATION_DATABASE_URL)."""
     from control_api.migrate import migrate as run_migrations

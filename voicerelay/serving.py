@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -57,6 +57,9 @@ class Service:
     name: str
     server: uvicorn.Server
     url: str
+    # Run on SIGTERM/SIGINT before the server is told to exit (the relay drains its calls here:
+    # uvicorn's own shutdown would close every WebSocket at once). A second signal cuts it short.
+    drain: Callable[[], Awaitable[None]] | None = None
 
 
 def make_service(
@@ -83,7 +86,13 @@ def make_service(
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         **config,
     )
-    return Service(name=name, server=_Server(uvicorn_config), url=f"{scheme}://{host}:{port}")
+    drain = getattr(app, "drain", None)
+    return Service(
+        name=name,
+        server=_Server(uvicorn_config),
+        url=f"{scheme}://{host}:{port}",
+        drain=drain if callable(drain) else None,
+    )
 
 
 def api_service(settings: Settings, host: str, port: int) -> Service:
@@ -115,9 +124,11 @@ async def serve_until_stopped(
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    forced = asyncio.Event()
 
     def on_signal() -> None:
         if stop.is_set():
+            forced.set()
             for service in services:
                 service.server.force_exit = True
         stop.set()
@@ -134,6 +145,8 @@ async def serve_until_stopped(
         if stop.is_set():
             log.info("stopping")
         for service, task in reversed(list(zip(services, tasks, strict=True))):
+            if stop.is_set() and service.drain is not None and not task.done():
+                await _drain(service, service.drain, forced)
             service.server.should_exit = True
             await asyncio.wait([task])
     finally:
@@ -148,6 +161,26 @@ async def serve_until_stopped(
         failure = None if task.cancelled() else task.exception()
         if failure is not None:
             raise failure
+
+
+async def _drain(
+    service: Service, drain: Callable[[], Awaitable[None]], forced: asyncio.Event
+) -> None:
+    async def run() -> None:
+        await drain()
+
+    draining = asyncio.create_task(run(), name=f"{service.name} drain")
+    forcing = asyncio.create_task(forced.wait())
+    try:
+        await asyncio.wait([draining, forcing], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        forcing.cancel()
+        if not draining.done():
+            log.warning("%s: drain cut short by a second signal", service.name)
+            draining.cancel()
+        await asyncio.gather(draining, return_exceptions=True)
+    if not draining.cancelled() and draining.exception() is not None:
+        log.error("%s: drain failed", service.name, exc_info=draining.exception())
 
 
 async def _wait_started(
@@ -174,3 +207,21 @@ def _install_signal_handlers(
 
 async def serve_api(settings: Settings, host: str, port: int) -> None:
     await serve_until_stopped([api_service(settings, host, port)])
+
+
+def relay_service(settings: Settings, host: str, port: int) -> Service:
+    from relay.app import create_app
+
+    return make_service(
+        "relay",
+        create_app(settings),
+        host=host,
+        port=port,
+        settings=settings,
+        ws_per_message_deflate=False,  # audio gains nothing from compression; it costs CPU
+    )
+
+
+async def serve_relay(settings: Settings, host: str, port: int) -> None:
+    """Serve the relay; on SIGTERM it drains (see relay/drain.py) before the server stops."""
+    await serve_until_stopped([relay_service(settings, host, port)])

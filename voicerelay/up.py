@@ -347,6 +347,7 @@ def relay_service(settings: Settings) -> Service | None:
         host=settings.relay_host,
         port=settings.relay_port,
         settings=settings,
+        ws_per_message_deflate=False,  # audio frames gain nothing from compression
     )
 
 

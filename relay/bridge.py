@@ -1,0 +1,573 @@
+"""CallBridge: one call on this replica — its upstream conversation, participants, audio and end.
+
+A bridge is created when a call's caller first connects here and lives until the call ends,
+however that happens: the caller hangs up, the agent closes (any close code), the upstream fails
+or never answers, the call runs past its maximum duration or goes idle, the caller vanishes and
+does not come back within the reconnect grace, or the relay drains. Every one of those paths goes
+through ``end()`` (idempotent) and the single ``_finish()`` that sends exactly one ``call.ended``
+to every participant, closes the upstream, releases the tenant slot, writes the final usage and
+the ``ended`` call-log event, updates the metrics and removes the bridge from the registry.
+
+Three tasks per call: ``_run`` (start the conversation, then handle upstream events), the outbox
+pump (the only writer to the call's clients) and the watchdog (timers, lease renewal, periodic
+usage). Client audio is handled inline in the Socket.IO handler: validate, transcode, send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from relay import metrics
+from relay.admission import AdmissionUnavailable, TenantCallCap
+from relay.audio.transcode import Transcoder, make_transcoder
+from relay.call_log import CallLogProducer
+from relay.outbox import Outbox, Outgoing
+from relay.protocol import client as wire
+from relay.protocol.close_codes import (
+    CALLER_HANGUP,
+    CLIENT_GONE,
+    IDLE_TIMEOUT,
+    MAX_DURATION,
+    RELAY_ERROR,
+    CallEnd,
+)
+from relay.protocol.elevenlabs import (
+    AgentAudio,
+    AgentResponse,
+    AgentResponseCorrection,
+    ClientToolCall,
+    ConversationStarted,
+    ElevenLabsProtocol,
+    Interruption,
+    ProtocolViolation,
+    UpstreamError,
+    UpstreamEvent,
+    UserTranscript,
+)
+from relay.registry import CallRegistry, Participant, call_room, monitors_room
+from relay.sessions import CallSession
+from relay.upstream import Upstream, UpstreamFailed
+from voicerelay.audio_formats import coerce_audio_format
+from voicerelay.call_events import InvalidCallEvent, make_event
+from voicerelay.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EV_CALLER_AUDIO = "caller_audio"
+
+
+@dataclass(frozen=True)
+class BridgeOptions:
+    # A caller whose connection drops has this long to reconnect and resume the same call.
+    caller_grace_seconds: float = 30.0
+    # Cumulative usage is written to the call log this often while a call lives.
+    usage_interval_seconds: float = 15.0
+    # Engine.IO packets waiting for one client before its agent audio queues in the outbox
+    # (where the oldest is dropped). A binary emit is two packets.
+    client_backlog_packets: int = 16
+    # How long the end of a call waits for ``call.ended`` to be handed to the clients.
+    end_flush_seconds: float = 2.0
+
+
+class Emitter(Protocol):
+    """How a bridge reaches its clients. Emits address rooms (a sid is a room of one)."""
+
+    async def emit(self, event: str, data: Any, *, room: str) -> None: ...
+
+    async def enter_room(self, sid: str, room: str) -> None: ...
+
+    async def disconnect(self, sid: str) -> None: ...
+
+    def backlog(self, sid: str) -> int:
+        """Packets queued for ``sid`` and not yet written to its socket (0 if not local)."""
+        ...
+
+
+@dataclass(frozen=True)
+class BridgeServices:
+    settings: Settings
+    emitter: Emitter
+    registry: CallRegistry
+    call_log: CallLogProducer
+    cap: TenantCallCap
+    options: BridgeOptions
+
+
+class CallBridge:
+    def __init__(self, services: BridgeServices, session: CallSession) -> None:
+        self._services = services
+        self._emitter = services.emitter
+        self.session = session
+        self.call_id: uuid.UUID = session.call_id
+        self.tenant_id: uuid.UUID = session.tenant_id
+        self.room = call_room(self.call_id)
+        self.monitors_room = monitors_room(self.call_id)
+        self.state = "connecting"
+        self.conversation_id: str | None = None
+        self.caller_sid: str | None = None
+        self.monitor_sids: set[str] = set()
+        self._had_caller = False
+        self._client_format = coerce_audio_format(session.client_audio_format)
+        agent = session.agent
+        self._protocol = ElevenLabsProtocol(
+            expected_input_format=agent.input_audio_format,
+            expected_output_format=agent.output_audio_format,
+        )
+        self._to_agent: Transcoder = make_transcoder(self._client_format, agent.input_audio_format)
+        self._to_client: Transcoder = make_transcoder(
+            agent.output_audio_format, self._client_format
+        )
+        self._upstream: Upstream | None = None
+        self._outbox = Outbox(services.settings.relay_client_queue_chunks)
+        self._seq = 0
+        self.created_at = time.monotonic()
+        self._last_audio = self.created_at
+        self._caller_left_at: float | None = None
+        self._end: CallEnd | None = None
+        self._done = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._run_task: asyncio.Task[None] | None = None
+        # Usage, cumulative, as the client sees it (its own format, both directions).
+        self.frames_in = 0
+        self.bytes_in = 0
+        self.frames_out = 0
+        self.bytes_out = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        metrics.ACTIVE_CALLS.inc()
+        self._log_event("connecting")
+        name = f"call-{self.call_id}"
+        self._run_task = asyncio.create_task(self._run(), name=name)
+        self._tasks = [
+            asyncio.create_task(self._pump(), name=name + "-out"),
+            asyncio.create_task(self._watch(), name=name + "-watch"),
+        ]
+
+    @property
+    def ended(self) -> bool:
+        return self._end is not None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def end(self, how: CallEnd) -> None:
+        """End the call (idempotent; the first reason wins). Returns at once."""
+        if self._end is not None:
+            return
+        self._end = how
+        task = self._run_task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+        self._wake.set()
+
+    async def wait_ended(self) -> None:
+        await self._done.wait()
+
+    async def _run(self) -> None:
+        how: CallEnd | None = None
+        try:
+            how = await self._converse()
+        except asyncio.CancelledError:
+            pass  # end() was called; self._end says why
+        except UpstreamFailed as exc:
+            log.warning(
+                "upstream conversation could not start: %s",
+                exc.detail,
+                extra={"call_id": str(self.call_id), "code": exc.end.code},
+            )
+            how = exc.end
+        except Exception:
+            log.exception("call failed inside the relay", extra={"call_id": str(self.call_id)})
+            how = RELAY_ERROR
+        finally:
+            if self._end is None:
+                self._end = how or RELAY_ERROR
+            # Cleanup must finish even if the task is cancelled again meanwhile.
+            await asyncio.shield(self._finish())
+
+    async def _converse(self) -> CallEnd | None:
+        settings = self._services.settings
+        initiation = self._protocol.initiation_message(
+            conversation_config_override=self.session.conversation_initiation.conversation_config_override,
+            dynamic_variables=self.session.conversation_initiation.dynamic_variables,
+        )
+        started_at = time.monotonic()
+        upstream, started = await Upstream.open(
+            self.session.upstream_url,
+            self._protocol,
+            initiation,
+            connect_timeout=settings.upstream_connect_timeout_seconds,
+        )
+        self._upstream = upstream
+        metrics.UPSTREAM_CONNECT_SECONDS.observe(time.monotonic() - started_at)
+        if self._end is not None:
+            return None
+        self._on_started(started)
+        async for event in upstream.events():
+            self._on_upstream_event(event, upstream.received_at)
+            if self._end is not None:
+                return None
+        return upstream.end()
+
+    def _on_started(self, started: ConversationStarted) -> None:
+        self.conversation_id = started.conversation_id
+        # The agent's real formats win over what the control API had on file.
+        for attribute, name, build in (
+            ("_to_agent", started.user_input_format, self._transcoder_to_agent),
+            ("_to_client", started.agent_output_format, self._transcoder_to_client),
+        ):
+            if name:
+                try:
+                    setattr(self, attribute, build(name))
+                except ValueError:
+                    log.warning(
+                        "agent announced an unknown audio format; keeping the configured one",
+                        extra={"call_id": str(self.call_id)},
+                    )
+        self.state = "ready"
+        self._last_audio = time.monotonic()
+        self._log_event("upstream_connected", conversation_id=started.conversation_id)
+        log.info(
+            "call ready",
+            extra={"call_id": str(self.call_id), "conversation_id": started.conversation_id},
+        )
+        self._send(wire.EV_READY, self._ready_payload(resumed=False), self.room)
+
+    def _transcoder_to_agent(self, name: str) -> Transcoder:
+        return make_transcoder(self._client_format, name)
+
+    def _transcoder_to_client(self, name: str) -> Transcoder:
+        return make_transcoder(name, self._client_format)
+
+    def _ready_payload(self, *, resumed: bool) -> dict[str, Any]:
+        return wire.call_ready(
+            call_id=str(self.call_id),
+            conversation_id=self.conversation_id or "",
+            input_format=self._client_format.value,
+            output_format=self._client_format.value,
+            resumed=resumed,
+        )
+
+    async def _finish(self) -> None:
+        how = self._end or RELAY_ERROR
+        self.state = "ended"
+        duration_ms = int((time.monotonic() - self.created_at) * 1000)
+        self._outbox.drop_audio()
+        self._send(wire.EV_ENDED, wire.call_ended(how.reason, how.code), self.room)
+        self._outbox.close()
+        pump, watch = self._tasks
+        watch.cancel()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(pump), self._services.options.end_flush_seconds)
+        pump.cancel()
+        if self._upstream is not None:
+            await self._upstream.close()
+        await self._services.cap.release(self.tenant_id, self.call_id)
+        self._log_event("usage", **self.usage())
+        self._log_event(
+            "ended",
+            reason=how.reason,
+            code=how.code,
+            ended_by=how.ended_by,
+            duration_ms=duration_ms,
+            failed=how.failed,
+        )
+        metrics.ACTIVE_CALLS.dec()
+        metrics.CALLS.labels(how.reason).inc()
+        if how.failed:
+            metrics.ERRORS.labels(how.code or how.reason).inc()
+        self._services.registry.remove(self)
+        for sid in [s for s in (self.caller_sid, *self.monitor_sids) if s is not None]:
+            with contextlib.suppress(Exception):
+                await self._emitter.disconnect(sid)
+        self._done.set()
+        log.info(
+            "call ended",
+            extra={
+                "call_id": str(self.call_id),
+                "tenant_id": str(self.tenant_id),
+                "reason": how.reason,
+                "code": how.code,
+                "duration_ms": duration_ms,
+            },
+        )
+
+    # --- participants -------------------------------------------------------------------------
+    async def join(self, participant: Participant) -> None:
+        """Add a fully connected participant (its connect ack has been sent)."""
+        sid = participant.sid
+        if self.ended:
+            how = self._end or RELAY_ERROR
+            await self._emitter.emit(wire.EV_ENDED, wire.call_ended(how.reason, how.code), room=sid)
+            await self._emitter.disconnect(sid)
+            return
+        await self._emitter.enter_room(sid, self.room)
+        resumed = False
+        if participant.role == "monitor":
+            await self._emitter.enter_room(sid, self.monitors_room)
+            self.monitor_sids.add(sid)
+        else:
+            previous, self.caller_sid = self.caller_sid, sid
+            resumed = self._had_caller
+            self._had_caller = True
+            self._caller_left_at = None
+            if resumed:
+                # Whatever the resamplers held belongs to before the gap.
+                self._to_agent.reset()
+                self._to_client.reset()
+            self._log_event("connected", resumed=resumed)
+            if previous is not None and previous != sid:
+                # The same caller on a newer connection: the old one is dead or a duplicate.
+                await self._emitter.disconnect(previous)
+        if self.ready:
+            self._send(wire.EV_READY, self._ready_payload(resumed=resumed), sid)
+
+    def leave(self, sid: str) -> None:
+        if sid == self.caller_sid:
+            self.caller_sid = None
+            if not self.ended:
+                self._caller_left_at = time.monotonic()
+                self._wake.set()
+        else:
+            self.monitor_sids.discard(sid)
+
+    # --- client to agent ----------------------------------------------------------------------
+    async def caller_audio(self, data: bytes) -> wire.ClientRejection | None:
+        if not self.ready or self._upstream is None:
+            return wire.ClientRejection(
+                wire.ErrorCode.not_ready, "The call is not ready for audio yet."
+            )
+        if self._client_format.encoding == "pcm" and len(data) & 1:
+            return wire.ClientRejection(
+                wire.ErrorCode.invalid_message,
+                "PCM audio must be whole 16-bit samples (an even byte count).",
+            )
+        received = time.perf_counter()
+        self._last_audio = time.monotonic()
+        self.frames_in += 1
+        self.bytes_in += len(data)
+        converted = self._to_agent.convert(data)
+        if converted:
+            await self._upstream.send(self._protocol.user_audio(converted))
+            metrics.ADDED_LATENCY_SECONDS.observe(time.perf_counter() - received)
+        metrics.AUDIO_FRAMES.labels("in").inc()
+        metrics.AUDIO_BYTES.labels("in").inc(len(data))
+        if self.monitor_sids:
+            self._send_audio(EV_CALLER_AUDIO, data, self.monitors_room, self._last_audio)
+        return None
+
+    async def caller_command(self, command: object) -> wire.ClientRejection | None:
+        """Any caller command other than audio."""
+        if isinstance(command, wire.EndCall):
+            self.end(CALLER_HANGUP)
+            return None
+        if not self.ready or self._upstream is None:
+            return wire.ClientRejection(wire.ErrorCode.not_ready, "The call is not ready yet.")
+        message = self._upstream_message(command)
+        if message is None:
+            return wire.ClientRejection(
+                wire.ErrorCode.unknown_event, "This event is not supported."
+            )
+        await self._upstream.send(message)
+        return None
+
+    def _upstream_message(self, command: object) -> str | None:
+        protocol = self._protocol
+        if isinstance(command, wire.UserMessage):
+            return protocol.user_message(command.text)
+        if isinstance(command, wire.ContextualUpdate):
+            return protocol.contextual_update(command.text)
+        if isinstance(command, wire.UserActivity):
+            return protocol.user_activity()
+        if isinstance(command, wire.ClientToolResult):
+            return protocol.client_tool_result(
+                command.tool_call_id, command.result, command.is_error
+            )
+        return None
+
+    # --- agent to client ----------------------------------------------------------------------
+    def _on_upstream_event(self, event: UpstreamEvent, received_at: float) -> None:
+        if isinstance(event, AgentAudio):
+            converted = self._to_client.convert(event.audio)
+            if converted:
+                self._send_audio(wire.EV_AUDIO, converted, self.room, received_at)
+            self._last_audio = time.monotonic()
+        elif isinstance(event, Interruption):
+            dropped = self._outbox.drop_audio()
+            if dropped:
+                metrics.STALE_AUDIO_DROPPED.inc(dropped)
+            self._to_client.reset()
+            self._send(wire.EV_INTERRUPTION, {}, self.room)
+        elif isinstance(event, AgentResponse):
+            self._send(wire.EV_AGENT_RESPONSE, wire.agent_response(event.text), self.room)
+            self._log_transcript("agent", event.text, event.event_id)
+        elif isinstance(event, AgentResponseCorrection):
+            self._send(
+                wire.EV_AGENT_RESPONSE_CORRECTION,
+                wire.agent_response_correction(event.original, event.corrected),
+                self.room,
+            )
+            self._log_transcript("agent", event.corrected, event.event_id, correction=True)
+        elif isinstance(event, UserTranscript):
+            self._send(wire.EV_USER_TRANSCRIPT, wire.user_transcript(event.text), self.room)
+            self._log_transcript("user", event.text, event.event_id)
+        elif isinstance(event, ClientToolCall):
+            self._send(
+                wire.EV_CLIENT_TOOL_CALL,
+                wire.client_tool_call(event.tool_name, event.tool_call_id, event.parameters),
+                self.room,
+            )
+        elif isinstance(event, UpstreamError):
+            log.warning(
+                "agent reported an error",
+                extra={
+                    "call_id": str(self.call_id),
+                    "code": event.code,
+                    "error_type": event.error_type,
+                },
+            )
+        elif isinstance(event, ProtocolViolation):
+            log.warning(
+                "agent sent a frame we cannot read; ignored",
+                extra={"call_id": str(self.call_id), "detail": event.detail[:200]},
+            )
+        # Pings are answered inside Upstream; ConversationStarted repeats and unknown types
+        # are ignored.
+
+    def _send(self, event: str, data: Any, room: str) -> None:
+        self._outbox.put(Outgoing(event, data, room))
+
+    def _send_audio(self, event: str, data: bytes, room: str, received_at: float) -> None:
+        dropped = self._outbox.put(Outgoing(event, data, room, audio=True, received_at=received_at))
+        if dropped:
+            metrics.CLIENT_QUEUE_DROPPED.inc(dropped)
+
+    async def _pump(self) -> None:
+        """The only writer to this call's clients: emits the outbox in order."""
+        emitter, outbox = self._emitter, self._outbox
+        high_water = self._services.options.client_backlog_packets
+        while True:
+            item = await outbox.get()
+            if item is None:
+                return
+            if item.audio:
+                # A slow caller: let audio queue (and drop) in the bounded outbox rather than
+                # in Engine.IO's unbounded per-socket queue.
+                await self._caller_caught_up(high_water)
+                if not outbox.is_current(item):
+                    metrics.STALE_AUDIO_DROPPED.inc()
+                    continue
+            try:
+                await emitter.emit(item.event, item.data, room=item.room)
+            except Exception:
+                log.exception("emit to clients failed", extra={"call_id": str(self.call_id)})
+                continue
+            if item.audio and item.event == wire.EV_AUDIO:
+                self.frames_out += 1
+                self.bytes_out += len(item.data)
+                metrics.AUDIO_FRAMES.labels("out").inc()
+                metrics.AUDIO_BYTES.labels("out").inc(len(item.data))
+                metrics.ADDED_LATENCY_SECONDS.observe(time.monotonic() - item.received_at)
+
+    async def _caller_caught_up(self, high_water: int) -> None:
+        # Engine.IO has no "drained" notification to wait on, so poll; this only runs while
+        # the caller is behind.
+        while True:
+            sid = self.caller_sid
+            if sid is None or self._emitter.backlog(sid) <= high_water:
+                return
+            await asyncio.sleep(0.005)
+
+    # --- timers -------------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        settings, options = self._services.settings, self._services.options
+        cap = self._services.cap
+        max_deadline = self.created_at + max(1, self.session.max_duration_seconds)
+        next_usage = self.created_at + options.usage_interval_seconds
+        next_renew = self.created_at + cap.renew_interval_seconds
+        while not self.ended:
+            now = time.monotonic()
+            if now >= max_deadline:
+                self.end(MAX_DURATION)
+                return
+            idle_deadline = self._last_audio + settings.call_idle_timeout_seconds
+            if self.ready and now >= idle_deadline:
+                self.end(IDLE_TIMEOUT)
+                return
+            grace_deadline = float("inf")
+            if self._caller_left_at is not None:
+                grace_deadline = self._caller_left_at + options.caller_grace_seconds
+                if now >= grace_deadline:
+                    self.end(CLIENT_GONE)
+                    return
+            if now >= next_renew:
+                next_renew = now + await self._renew_slot(cap)
+            if now >= next_usage:
+                next_usage = now + options.usage_interval_seconds
+                self._log_event("usage", **self.usage())
+            wake_at = min(max_deadline, idle_deadline, grace_deadline, next_renew, next_usage)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.01, wake_at - time.monotonic()))
+
+    async def _renew_slot(self, cap: TenantCallCap) -> float:
+        """Renew the tenant slot; returns the seconds until the next renewal."""
+        try:
+            held = await cap.renew(self.tenant_id, self.call_id)
+        except AdmissionUnavailable:
+            log.warning(
+                "could not renew the call's tenant slot", extra={"call_id": str(self.call_id)}
+            )
+            return min(1.0, cap.renew_interval_seconds)
+        if not held:
+            # The lease lapsed (e.g. Redis lost it): take the slot again regardless of the cap,
+            # since this call is already running.
+            log.warning(
+                "tenant slot lease was lost; re-taking it", extra={"call_id": str(self.call_id)}
+            )
+            with contextlib.suppress(AdmissionUnavailable):
+                await cap.acquire(self.tenant_id, self.call_id, 1_000_000)
+        return cap.renew_interval_seconds
+
+    # --- call log -----------------------------------------------------------------------------
+    def usage(self) -> dict[str, Any]:
+        bytes_per_second = self._client_format.bytes_per_second
+        return {
+            "audio_in_seconds": round(self.bytes_in / bytes_per_second, 3),
+            "audio_out_seconds": round(self.bytes_out / bytes_per_second, 3),
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+
+    def _log_transcript(self, role: str, text: str, event_id: int | None, **extra: Any) -> None:
+        if event_id is not None and event_id < 0:
+            event_id = None
+        self._log_event("transcript", role=role, text=text[:16_000], event_id=event_id, **extra)
+
+    def _log_event(self, type_: str, **data: Any) -> None:
+        self._seq += 1
+        try:
+            event = make_event(
+                type_,
+                tenant_id=self.tenant_id,
+                call_id=self.call_id,
+                seq=self._seq,
+                data={k: v for k, v in data.items() if v is not None},
+            )
+        except InvalidCallEvent as exc:
+            log.error(
+                "call-log event is invalid: %s", exc.reason, extra={"call_id": str(self.call_id)}
+            )
+            return
+        self._services.call_log.emit(event)
