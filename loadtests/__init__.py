@@ -1,0 +1,1 @@
+"""Load tests and benchmarks (run from the repository root: `python -m loadtests.<module>`)."""

@@ -1,0 +1,527 @@
+"""`make bench`: the relay's CPU per call-minute, added latency and memory per call, next to a
+plain `websockets` relay (the floor), measured in one run on one machine.
+
+    python -m loadtests.bench_relay [--calls 50 --calls 100] [--seconds 30] [--json out.json]
+
+For each step (number of concurrent calls) and each setup (floor, voicerelay), it starts a fresh
+relay process, connects that many callers (load-generator processes, see bench_callers.py), has
+each stream 20 ms PCM16 16 kHz frames in real time through the relay to the ElevenLabs
+emulator's echo agent, and measures:
+
+- CPU: the relay process' user+system seconds over the steady-state window (after the calls
+  are up and a warm-up), per call-minute of audio carried.
+- Added latency: the round trip of each frame through the relay (caller -> relay -> agent echo
+  -> relay -> caller) minus the round trip of probe calls that talk to the emulator directly at
+  the same time (same machine load), at p50 and p99.
+- Memory: the relay process' peak RSS during the step minus its RSS before the calls, per call.
+
+Everything runs on loopback and is stopped at the end; nothing here is a test (machines are
+noisy): read ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil  # type: ignore[import-untyped]
+
+from loadtests.bench_audio import percentile
+from loadtests.bench_stack import (
+    BenchStack,
+    ServiceProcess,
+    StackError,
+    bench_stack,
+    relay_command,
+)
+
+FLOOR = "floor"
+VOICERELAY = "voicerelay"
+START_DELAY_SECONDS = 0.5
+RESULT_GRACE_SECONDS = 30.0
+SILENCE_MARGIN_MS = 500
+
+
+@dataclass(frozen=True)
+class Options:
+    steps: list[int]
+    seconds: float
+    warmup: float
+    generators: int
+    frame_ms: int
+    talk_ms: int
+    probes: int | None
+    connect_timeout: float
+
+    @property
+    def talk_frames(self) -> int:
+        return max(1, self.talk_ms // self.frame_ms)
+
+    @property
+    def silence_frames(self) -> int:
+        # The agent's real-time answer lasts as long as the turn; talking over it would
+        # interrupt it, so the caller stays quiet that long plus a margin for slow round trips.
+        return self.talk_frames + max(1, SILENCE_MARGIN_MS // self.frame_ms)
+
+
+@dataclass
+class Measurement:
+    setup: str
+    calls: int
+    connected: int = 0
+    window_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    rss_before_bytes: int = 0
+    rss_peak_bytes: int = 0
+    rtt_p50_ms: float = math.nan
+    rtt_p99_ms: float = math.nan
+    direct_p50_ms: float = math.nan
+    direct_p99_ms: float = math.nan
+    samples: int = 0
+    direct_samples: int = 0
+    frames_expected: int = 0
+    frames_echoed: int = 0
+    interruptions: int = 0
+    # CPU use of the other processes during the window (percent of one core): is the machine
+    # saturated, which would inflate every latency?
+    other_cpu_percent: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def cpu_per_call_minute(self) -> float:
+        call_minutes = self.connected * self.window_seconds / 60
+        return self.cpu_seconds / call_minutes if call_minutes else math.nan
+
+    @property
+    def added_p50_ms(self) -> float:
+        return self.rtt_p50_ms - self.direct_p50_ms
+
+    @property
+    def added_p99_ms(self) -> float:
+        return self.rtt_p99_ms - self.direct_p99_ms
+
+    @property
+    def rss_per_call_bytes(self) -> float:
+        if not self.connected:
+            return math.nan
+        return max(0, self.rss_peak_bytes - self.rss_before_bytes) / self.connected
+
+    @property
+    def lost_fraction(self) -> float:
+        if not self.frames_expected:
+            return math.nan
+        return max(0.0, 1 - self.frames_echoed / self.frames_expected)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            cpu_per_call_minute=self.cpu_per_call_minute,
+            added_p50_ms=self.added_p50_ms,
+            added_p99_ms=self.added_p99_ms,
+            rss_per_call_bytes=self.rss_per_call_bytes,
+            lost_fraction=self.lost_fraction,
+        )
+        return data
+
+
+# --- One measurement --------------------------------------------------------------------------
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    total = 0.0
+    for p in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = p.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def _rss(process: psutil.Process) -> int:
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+async def _targets(
+    stack: BenchStack, server: ServiceProcess, setup: str, calls: int, probes: int
+) -> list[dict[str, Any]]:
+    gate = asyncio.Semaphore(10)
+    async with httpx.AsyncClient(timeout=30) as http:
+
+        async def relay_target() -> dict[str, Any]:
+            async with gate:
+                token = await stack.call_token(http)
+            # The relay process of this step, not the API's RELAY_PUBLIC_URL (one relay for all).
+            return {"kind": "relay", "url": server.url, "token": token["token"]}
+
+        async def direct_target() -> dict[str, Any]:
+            async with gate:
+                return {"kind": "direct", "url": await stack.signed_url(http)}
+
+        if setup == VOICERELAY:
+            targets = list(await asyncio.gather(*(relay_target() for _ in range(calls))))
+        else:
+            floor_url = server.url.replace("http://", "ws://") + "/"
+            targets = [{"kind": "floor", "url": floor_url} for _ in range(calls)]
+        targets += await asyncio.gather(*(direct_target() for _ in range(probes)))
+    return targets
+
+
+class Generator:
+    """One load-generator process and its line protocol (see bench_callers.py)."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, log: Path) -> Generator:
+        with log.open("ab") as err:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "loadtests.bench_callers",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+            )
+        return cls(process)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(message).encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def receive(self, within: float) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), within)
+        if not line:
+            raise RuntimeError("a load generator exited early (see its log)")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+
+def _others(stack: BenchStack, generators: list[Generator]) -> dict[str, psutil.Process]:
+    found: dict[str, psutil.Process] = {}
+    for name, service in (("emulator", stack.emulator), ("control API", stack.api)):
+        if service is not None:
+            found[name] = psutil.Process(service.pid)
+    for i, generator in enumerate(generators):
+        found[f"generator {i}"] = psutil.Process(generator.process.pid)
+    return found
+
+
+async def _sample_rss(process: psutil.Process, until: float, peak: list[int]) -> None:
+    while time.time() < until:
+        peak[0] = max(peak[0], _rss(process))
+        await asyncio.sleep(0.2)
+
+
+async def _measure(
+    stack: BenchStack, server: ServiceProcess, setup: str, calls: int, options: Options
+) -> Measurement:
+    result = Measurement(setup=setup, calls=calls)
+    watched = psutil.Process(server.pid)
+    probes = options.probes if options.probes is not None else max(2, calls // 10)
+    targets = await _targets(stack, server, setup, calls, probes)
+    count = max(1, min(options.generators, len(targets)))
+    generators = [await Generator.start(stack.logs / f"generator-{i}.log") for i in range(count)]
+    try:
+        for i, generator in enumerate(generators):
+            plan = {
+                "frame_ms": options.frame_ms,
+                "talk_frames": options.talk_frames,
+                "silence_frames": options.silence_frames,
+                "connect_timeout": options.connect_timeout,
+                "calls": targets[i::count],
+            }
+            await generator.send(plan)
+        measured_kind = "relay" if setup == VOICERELAY else "floor"
+        connect_budget = options.connect_timeout * 3 + 30
+        for generator in generators:
+            connected = await generator.receive(connect_budget)
+            result.connected += connected["ok"].get(measured_kind, 0)
+            result.errors += connected["errors"]
+        result.rss_before_bytes = _rss(watched)
+
+        start_at = time.time() + START_DELAY_SECONDS
+        measure_from = start_at + options.warmup
+        measure_until = measure_from + options.seconds
+        go = {"start_at": start_at, "measure_from": measure_from, "measure_until": measure_until}
+        for generator in generators:
+            await generator.send(go)
+        peak = [result.rss_before_bytes]
+        sampler = asyncio.create_task(_sample_rss(watched, measure_until + 1, peak))
+        await asyncio.sleep(max(0.0, measure_from - time.time()))
+        others = _others(stack, generators)
+        others_before = {name: _cpu_seconds(p) for name, p in others.items()}
+        cpu_before, began = _cpu_seconds(watched), time.monotonic()
+        await asyncio.sleep(max(0.0, measure_until - time.time()))
+        cpu_after, ended = _cpu_seconds(watched), time.monotonic()
+        for name, process in others.items():
+            used = _cpu_seconds(process) - others_before[name]
+            result.other_cpu_percent[name] = round(100 * used / (ended - began), 1)
+        await sampler
+        result.cpu_seconds = cpu_after - cpu_before
+        result.window_seconds = ended - began
+        result.rss_peak_bytes = peak[0]
+
+        through: list[float] = []
+        direct: list[float] = []
+        for generator in generators:
+            report = await generator.receive(options.seconds + RESULT_GRACE_SECONDS)
+            through += report["rtt_ms"].get(measured_kind, [])
+            direct += report["rtt_ms"].get("direct", [])
+            result.frames_expected += report["expected"].get(measured_kind, 0)
+            result.frames_echoed += report["echoed"].get(measured_kind, 0)
+            result.interruptions += report["interruptions"].get(measured_kind, 0)
+            result.errors += report["errors"]
+    finally:
+        await asyncio.gather(*(g.stop() for g in generators))
+    through.sort()
+    direct.sort()
+    result.samples, result.direct_samples = len(through), len(direct)
+    result.rtt_p50_ms, result.rtt_p99_ms = percentile(through, 0.5), percentile(through, 0.99)
+    result.direct_p50_ms, result.direct_p99_ms = percentile(direct, 0.5), percentile(direct, 0.99)
+    return result
+
+
+def measure(stack: BenchStack, setup: str, calls: int, options: Options) -> Measurement:
+    try:
+        if setup == VOICERELAY:
+            command = relay_command()
+            assert command is not None
+            server = stack.start_relay(command)
+        else:
+            server = stack.start_floor()
+    except StackError as exc:
+        return Measurement(setup=setup, calls=calls, errors=[str(exc)])
+    try:
+        time.sleep(1.0)  # let start-up work (imports, first connections) settle out of the baseline
+        return asyncio.run(_measure(stack, server, setup, calls, options))
+    finally:
+        server.stop()
+
+
+# --- Report -----------------------------------------------------------------------------------
+
+
+def _ms(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.1f} ms"
+
+
+def _ratio(value: float, floor: float) -> str:
+    if math.isnan(value) or math.isnan(floor) or floor <= 0:
+        return "—"
+    return f"{value / floor:.1f}x"
+
+
+def _kib(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value / 1024:.0f} KiB"
+
+
+def table(measurements: list[Measurement]) -> str:
+    floors = {m.calls: m for m in measurements if m.setup == FLOOR}
+    header = (
+        "setup",
+        "calls",
+        "CPU s per call-minute",
+        "added latency p50",
+        "p99",
+        "peak RSS per call",
+        "CPU x floor",
+        "p50 x floor",
+        "frames lost",
+    )
+    rows = [header]
+    for m in measurements:
+        floor = floors.get(m.calls)
+        rows.append(
+            (
+                m.setup,
+                f"{m.connected}/{m.calls}",
+                "—" if math.isnan(m.cpu_per_call_minute) else f"{m.cpu_per_call_minute:.3f}",
+                _ms(m.added_p50_ms),
+                _ms(m.added_p99_ms),
+                _kib(m.rss_per_call_bytes),
+                _ratio(m.cpu_per_call_minute, floor.cpu_per_call_minute) if floor else "—",
+                _ratio(m.added_p50_ms, floor.added_p50_ms) if floor else "—",
+                "—" if math.isnan(m.lost_fraction) else f"{m.lost_fraction:.2%}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def round_trips(measurements: list[Measurement]) -> str:
+    lines = ["Round trips (through the relay / straight to the emulator, same moment):"]
+    for m in measurements:
+        lines.append(
+            f"  {m.setup:<10} {m.calls:>4} calls: p50 {_ms(m.rtt_p50_ms)} / {_ms(m.direct_p50_ms)},"
+            f" p99 {_ms(m.rtt_p99_ms)} / {_ms(m.direct_p99_ms)}"
+        )
+    return "\n".join(lines)
+
+
+def machine_load(measurements: list[Measurement]) -> str:
+    lines = ["CPU of the other processes during each window (% of one core):"]
+    for m in measurements:
+        used = ", ".join(f"{name} {pct:.0f}%" for name, pct in m.other_cpu_percent.items())
+        relay_pct = 100 * m.cpu_seconds / m.window_seconds if m.window_seconds else math.nan
+        lines.append(f"  {m.setup:<10} {m.calls:>4} calls: relay {relay_pct:.0f}%, {used}")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "system": f"{platform.system()} {platform.release()}",
+    }
+
+
+# --- Command line -----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.bench_relay", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--calls",
+        type=int,
+        action="append",
+        help="Concurrent calls of one step; repeatable (default: 50 and 100).",
+    )
+    parser.add_argument("--seconds", type=float, default=30.0, help="Measured window per step.")
+    parser.add_argument("--warmup", type=float, default=3.0, help="Streaming before measuring.")
+    parser.add_argument("--generators", type=int, default=2, help="Load-generator processes.")
+    parser.add_argument("--frame-ms", type=int, default=20, help="Audio frame length.")
+    parser.add_argument(
+        "--talk-ms", type=int, default=1000, help="Length of each caller turn (then silence)."
+    )
+    parser.add_argument(
+        "--probes", type=int, default=None, help="Direct emulator calls per step (default N/10)."
+    )
+    parser.add_argument("--connect-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="Relay replicas (only 1 until issue 4)."
+    )
+    parser.add_argument(
+        "--setups", default=f"{FLOOR},{VOICERELAY}", help="Comma-separated: floor, voicerelay."
+    )
+    parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    parser.add_argument("--logs", type=Path, default=None, help="Keep service logs here.")
+    args = parser.parse_args(argv)
+    if args.replicas != 1:
+        parser.error("only --replicas 1 is supported until the relay runs as several replicas")
+    if args.seconds <= 0 or args.warmup < 0 or args.generators < 1 or args.frame_ms < 10:
+        parser.error("--seconds > 0, --warmup >= 0, --generators >= 1, --frame-ms >= 10")
+    options = Options(
+        steps=args.calls or [50, 100],
+        seconds=args.seconds,
+        warmup=args.warmup,
+        generators=args.generators,
+        frame_ms=args.frame_ms,
+        talk_ms=args.talk_ms,
+        probes=args.probes,
+        connect_timeout=args.connect_timeout,
+    )
+    return options, args
+
+
+def run_benchmark(options: Options, setups: list[str], logs: Path) -> list[Measurement]:
+    measurements: list[Measurement] = []
+    with bench_stack(logs, frame_ms=options.frame_ms, talk_frames=options.talk_frames) as stack:
+        for calls in options.steps:
+            for setup in setups:
+                print(f"… {setup}, {calls} calls", file=sys.stderr, flush=True)
+                measurements.append(measure(stack, setup, calls, options))
+    return measurements
+
+
+def main(argv: list[str] | None = None) -> int:
+    options, args = parse_args(argv)
+    setups = [s.strip() for s in args.setups.split(",") if s.strip()]
+    unknown = set(setups) - {FLOOR, VOICERELAY}
+    if unknown:
+        sys.exit(f"unknown setup(s): {', '.join(sorted(unknown))}")
+    notes: list[str] = []
+    if VOICERELAY in setups and relay_command() is None:
+        setups.remove(VOICERELAY)
+        notes.append("voicerelay: not measured, the relay (relay/app.py) is not built yet")
+    with contextlib.ExitStack() as cleanup:
+        logs = args.logs or Path(cleanup.enter_context(tempfile.TemporaryDirectory()))
+        logs.mkdir(parents=True, exist_ok=True)
+        measurements = run_benchmark(options, setups, logs)
+    info = machine()
+    print()
+    print(
+        f"Machine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, {info['system']};"
+        f" {options.seconds:g} s measured per step after {options.warmup:g} s warm-up,"
+        f" {options.frame_ms} ms PCM16 16 kHz frames in real time"
+    )
+    print(table(measurements))
+    print(round_trips(measurements))
+    print(machine_load(measurements))
+    for note in notes:
+        print(note)
+    for m in measurements:
+        for error in sorted(set(m.errors))[:5]:
+            print(f"{m.setup} {m.calls} calls: {error}")
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "options": asdict(options),
+                    "measurements": [m.as_dict() for m in measurements],
+                    "notes": notes,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+    complete = all(m.connected == m.calls and not m.errors for m in measurements)
+    if not complete and args.logs is None:
+        print("Service logs were in a temporary directory: rerun with --logs DIR to keep them.")
+    return 0 if complete else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
