@@ -59,6 +59,12 @@ from voicerelay.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Bound once: the per-frame path should not look labels up.
+_FRAMES_IN = metrics.AUDIO_FRAMES.labels("in")
+_FRAMES_OUT = metrics.AUDIO_FRAMES.labels("out")
+_BYTES_IN = metrics.AUDIO_BYTES.labels("in")
+_BYTES_OUT = metrics.AUDIO_BYTES.labels("out")
+
 EV_CALLER_AUDIO = "caller_audio"
 
 
@@ -359,8 +365,8 @@ class CallBridge:
         if converted:
             await self._upstream.send(self._protocol.user_audio(converted))
             metrics.ADDED_LATENCY_SECONDS.observe(time.perf_counter() - received)
-        metrics.AUDIO_FRAMES.labels("in").inc()
-        metrics.AUDIO_BYTES.labels("in").inc(len(data))
+        _FRAMES_IN.inc()
+        _BYTES_IN.inc(len(data))
         if self.monitor_sids:
             self._send_audio(EV_CALLER_AUDIO, data, self.monitors_room, self._last_audio)
         return None
@@ -474,8 +480,8 @@ class CallBridge:
             if item.audio and item.event == wire.EV_AUDIO:
                 self.frames_out += 1
                 self.bytes_out += len(item.data)
-                metrics.AUDIO_FRAMES.labels("out").inc()
-                metrics.AUDIO_BYTES.labels("out").inc(len(item.data))
+                _FRAMES_OUT.inc()
+                _BYTES_OUT.inc(len(item.data))
                 metrics.ADDED_LATENCY_SECONDS.observe(time.monotonic() - item.received_at)
 
     async def _caller_caught_up(self, high_water: int) -> None:

@@ -206,10 +206,10 @@ class RelayHandlers:
             role=claims.role,
             client_ip=ip,
         )
-        if self._registry.recently_ended(claims.call_id):
-            raise Refusal("call_ended", "This call has ended.")
         bridge = self._registry.get(claims.call_id)
-        if bridge is not None and not bridge.ended:
+        if self._registry.recently_ended(claims.call_id) or (bridge is not None and bridge.ended):
+            raise Refusal("call_ended", "This call has ended.")
+        if bridge is not None:
             return participant, bridge
         if claims.role == "monitor":
             raise Refusal("not_ready", "The call is not in progress here; try again shortly.")
@@ -261,6 +261,10 @@ class RelayHandlers:
         existing = self._registry.get(claims.call_id)
         if existing is not None and not existing.ended:
             return existing  # another connection of this caller won the race
+        if existing is not None or self._registry.recently_ended(claims.call_id):
+            # The call ended meanwhile; its own release may have run before our acquire.
+            await runtime.cap.release(claims.tenant_id, claims.call_id)
+            raise Refusal("call_ended", "This call has ended.")
         if runtime.drain.draining:
             await runtime.cap.release(claims.tenant_id, claims.call_id)
             raise Refusal("draining", "This relay is shutting down; connect again.")
