@@ -52,6 +52,8 @@ VOICERELAY = "voicerelay"
 START_DELAY_SECONDS = 0.5
 RESULT_GRACE_SECONDS = 30.0
 SILENCE_MARGIN_MS = 500
+# A generator's result line carries every round trip it timed (about 10 bytes each).
+RESULT_LINE_LIMIT = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class Measurement:
     # CPU use of the other processes during the window (percent of one core): is the machine
     # saturated, which would inflate every latency?
     other_cpu_percent: dict[str, float] = field(default_factory=dict)
+    # voicerelay's own /metrics after the step: time inside the relay (bucket bounds) and drops.
+    relay_metrics: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -197,6 +201,7 @@ class Generator:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
+                limit=RESULT_LINE_LIMIT,
             )
         return cls(process)
 
@@ -222,6 +227,40 @@ class Generator:
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
+
+
+def _bucket_quantile(buckets: list[tuple[float, float]], fraction: float) -> float:
+    """Upper bound of the histogram bucket holding the ``fraction`` quantile."""
+    total = buckets[-1][1] if buckets else 0.0
+    for bound, count in buckets:
+        if total and count >= fraction * total:
+            return bound
+    return math.nan
+
+
+async def _relay_metrics(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            text = (await http.get(f"{url}/metrics")).text
+    except httpx.HTTPError:
+        return {}
+    found: dict[str, float] = {}
+    buckets: list[tuple[float, float]] = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "voicerelay_relay_added_latency_seconds_bucket":
+                buckets.append((float(sample.labels["le"]), sample.value))
+            elif sample.name in (
+                "voicerelay_relay_client_queue_dropped_total",
+                "voicerelay_relay_stale_audio_dropped_total",
+            ):
+                found[sample.name.removeprefix("voicerelay_relay_")] = sample.value
+    buckets.sort()
+    found["inside_p50_ms_at_most"] = _bucket_quantile(buckets, 0.5) * 1000
+    found["inside_p99_ms_at_most"] = _bucket_quantile(buckets, 0.99) * 1000
+    return found
 
 
 def _others(stack: BenchStack, generators: list[Generator]) -> dict[str, psutil.Process]:
@@ -285,6 +324,8 @@ async def _measure(
             used = _cpu_seconds(process) - others_before[name]
             result.other_cpu_percent[name] = round(100 * used / (ended - began), 1)
         await sampler
+        if setup == VOICERELAY:
+            result.relay_metrics = await _relay_metrics(server.url)
         result.cpu_seconds = cpu_after - cpu_before
         result.window_seconds = ended - began
         result.rss_peak_bytes = peak[0]
@@ -499,6 +540,16 @@ def main(argv: list[str] | None = None) -> int:
     print(table(measurements))
     print(round_trips(measurements))
     print(machine_load(measurements))
+    for m in measurements:
+        if m.relay_metrics:
+            rm = m.relay_metrics
+            print(
+                f"voicerelay's /metrics, {m.calls} calls: time inside the relay p50"
+                f" <= {_ms(rm.get('inside_p50_ms_at_most', math.nan))},"
+                f" p99 <= {_ms(rm.get('inside_p99_ms_at_most', math.nan))};"
+                f" audio dropped for slow clients {rm.get('client_queue_dropped_total', 0):.0f},"
+                f" stale {rm.get('stale_audio_dropped_total', 0):.0f}"
+            )
     for note in notes:
         print(note)
     for m in measurements:
