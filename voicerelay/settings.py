@@ -165,6 +165,14 @@ class Settings(BaseSettings):
     relay_call_log_buffer_events: int = Field(default=10_000, ge=100)
     jwks_cache_seconds: float = Field(default=300.0, ge=1)
     control_api_timeout_seconds: float = Field(default=10.0, gt=0)
+    # --- Relay scale-out ----------------------------------------------------------------
+    # Lease on a call's upstream bridge (the owner replica renews it every third of it).
+    call_owner_lease_seconds: float = Field(default=5.0, ge=1.0, le=120.0)
+    # A replica whose heartbeat is older than this is dead; its calls may be claimed.
+    replica_ttl_seconds: float = Field(default=3.0, ge=1.0, le=60.0)
+    # "targeted" routes a frame only to the replicas that need it; "stock" is python-socketio's
+    # AsyncRedisManager (every emit to every replica), kept for benchmarks and comparison only.
+    relay_client_manager: str = Field(default="targeted", pattern="^(targeted|stock|local)$")
 
     @field_validator(
         "database_url",
