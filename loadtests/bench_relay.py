@@ -52,6 +52,7 @@ VOICERELAY = "voicerelay"
 START_DELAY_SECONDS = 0.5
 RESULT_GRACE_SECONDS = 30.0
 SILENCE_MARGIN_MS = 500
+FELL_BEHIND_LOST = 0.01
 # A generator's result line carries every round trip it timed (about 10 bytes each).
 RESULT_LINE_LIMIT = 256 * 1024 * 1024
 
@@ -449,6 +450,8 @@ def machine() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     return {
+        # Anything else running skews every number: say how busy the machine was.
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "nproc": os.cpu_count(),
         "cpu": model,
         "python": platform.python_version(),
@@ -533,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     print()
     print(
-        f"Machine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, {info['system']};"
+        f"Machine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, {info['system']},"
+        f" load average {info['load_average_1m_at_end']:g};"
         f" {options.seconds:g} s measured per step after {options.warmup:g} s warm-up,"
         f" {options.frame_ms} ms PCM16 16 kHz frames in real time"
     )
@@ -549,6 +553,13 @@ def main(argv: list[str] | None = None) -> int:
                 f" p99 <= {_ms(rm.get('inside_p99_ms_at_most', math.nan))};"
                 f" audio dropped for slow clients {rm.get('client_queue_dropped_total', 0):.0f},"
                 f" stale {rm.get('stale_audio_dropped_total', 0):.0f}"
+            )
+    for m in measurements:
+        if m.lost_fraction > FELL_BEHIND_LOST:
+            print(
+                f"{m.setup} {m.calls} calls fell behind real time: {m.lost_fraction:.0%} of the"
+                " echoed frames did not come back before the end of the run, so its CPU figure"
+                " covers only the audio it managed to carry."
             )
     for note in notes:
         print(note)
