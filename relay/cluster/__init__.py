@@ -1,0 +1,1 @@
+"""Scale-out: what lets many relay replicas serve one call (routing, ownership, pub/sub)."""
