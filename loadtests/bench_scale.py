@@ -180,14 +180,13 @@ class Replica:
     process: subprocess.Popen[bytes]
     log_path: Path
 
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+    def wait_stopped(self, timeout: float = 20.0) -> None:
+        """After SIGTERM: wait for the drain (a second SIGTERM would cut it short), then kill."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
 
     def log_tail(self, lines: int = 20) -> str:
         with contextlib.suppress(OSError):
@@ -243,7 +242,7 @@ def replicas(stack: BenchStack, count: int, manager: str) -> Iterator[list[Repli
             if replica.process.poll() is None:
                 replica.process.send_signal(signal.SIGTERM)
         for replica in started:
-            replica.stop()
+            replica.wait_stopped()
 
 
 # --- One measurement ---------------------------------------------------------------------------
