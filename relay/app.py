@@ -2,6 +2,9 @@
 
 ``create_app(settings)`` is what `voicerelay relay` and `voicerelay up` serve. The app object also
 carries ``drain()``, which the server runs on SIGTERM before it stops (see voicerelay/serving.py).
+``/ready`` fails while draining, while Redis or the control API is unreachable, and while the
+cluster pub/sub listener is down (``pubsub: down``): a replica that cannot hear other replicas
+must not take new clients.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ WEBSOCKET_REQUIRED = JSONResponse(
 class RelayApp:
     def __init__(self, settings: Settings, options: RelayOptions) -> None:
         self.runtime = RelayRuntime(settings, options)
-        self.sio, self.emitter = create_sio_server(self.runtime)
+        self.sio, self.emitter, self.handlers = create_sio_server(self.runtime)
         self._socketio = socketio.ASGIApp(self.sio, socketio_path=SOCKETIO_PATH.strip("/"))
         self._http = Starlette(
             routes=[
@@ -64,12 +67,13 @@ class RelayApp:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Any) -> AsyncIterator[None]:
-        await self.runtime.start(self.emitter)
+        await self.runtime.start(self.emitter, self.handlers.take_over)
         try:
             yield
         finally:
             await self.runtime.stop()
             await self.sio.shutdown()
+            await self.runtime.close_manager()
 
     async def _health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

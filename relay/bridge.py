@@ -11,6 +11,19 @@ the ``ended`` call-log event, updates the metrics and removes the bridge from th
 Three tasks per call: ``_run`` (start the conversation, then handle upstream events), the outbox
 pump (the only writer to the call's clients) and the watchdog (timers, lease renewal, periodic
 usage). Client audio is handled inline in the Socket.IO handler: validate, transcode, send.
+
+With several replicas (``BridgeServices.cluster`` set) the bridge is its call's **owner**: it
+holds the call's fenced lease in the Redis registry and renews it from the watchdog with its
+epoch, reporting usage and conversation ids each time so a successor can continue from them.
+Participants may sit on other replicas (``join(..., replica=...)``); emits reach them through the
+client manager's routing. A renewal that finds another owner means this replica lost the call:
+the bridge stops *quietly* (``abandon``): no ``call.ended``, no ``ended`` call-log event, the
+tenant slot and the registry record are left to the new owner, and local clients are told to
+reconnect (they land on a replica that reaches the new owner). A renewal that fails because
+Redis is unreachable changes nothing: the call goes on and the lease is re-asserted (restored)
+once Redis answers. A bridge created by a take-over (``takeover``: the previous owner died or
+handed the call over) starts a new upstream conversation for the same call: ``call.ready`` says
+``resumed: true`` with the new conversation id, and usage continues from the reported totals.
 """
 
 from __future__ import annotations
@@ -27,6 +40,14 @@ from relay import metrics
 from relay.admission import AdmissionUnavailable, TenantCallCap
 from relay.audio.transcode import Transcoder, make_transcoder
 from relay.call_log import CallLogProducer
+from relay.cluster.registry import (
+    CallRecord,
+    ClusterRegistry,
+    OwnedCall,
+    RegistryUnavailable,
+    Renewal,
+    Restore,
+)
 from relay.outbox import Outbox, Outgoing
 from relay.protocol import client as wire
 from relay.protocol.close_codes import (
@@ -66,6 +87,10 @@ _BYTES_IN = metrics.AUDIO_BYTES.labels("in")
 _BYTES_OUT = metrics.AUDIO_BYTES.labels("out")
 
 EV_CALLER_AUDIO = "caller_audio"
+EV_RECONNECT = "relay.reconnect"
+
+# Not a way a call ends: this replica lost the call to another owner, which carries on with it.
+OWNERSHIP_LOST = CallEnd("ownership_lost", "ownership_lost", "relay", False)
 
 
 @dataclass(frozen=True)
@@ -94,6 +119,21 @@ class Emitter(Protocol):
         """Packets queued for ``sid`` and not yet written to its socket (0 if not local)."""
         ...
 
+    async def hand_off(self, sid: str, reason: str) -> None:
+        """Tell a client connected here to reconnect (``relay.reconnect``) and close its
+        transport so its Socket.IO client reconnects on its own."""
+        ...
+
+
+class OwnerLink(Protocol):
+    """The owner side of the call's cross-replica channel (relay.cluster.remote)."""
+
+    async def close(self) -> None: ...
+
+    async def check_replicas(self) -> None:
+        """Let participants on replicas that died go (as if they had disconnected)."""
+        ...
+
 
 @dataclass(frozen=True)
 class BridgeServices:
@@ -103,10 +143,18 @@ class BridgeServices:
     call_log: CallLogProducer
     cap: TenantCallCap
     options: BridgeOptions
+    # The Redis call registry when several replicas share the calls; None for a lone replica.
+    cluster: ClusterRegistry | None = None
 
 
 class CallBridge:
-    def __init__(self, services: BridgeServices, session: CallSession) -> None:
+    def __init__(
+        self,
+        services: BridgeServices,
+        session: CallSession,
+        *,
+        takeover: CallRecord | None = None,
+    ) -> None:
         self._services = services
         self._emitter = services.emitter
         self.session = session
@@ -145,11 +193,36 @@ class CallBridge:
         self.bytes_in = 0
         self.frames_out = 0
         self.bytes_out = 0
+        # Ownership (cluster only): the fenced epoch of our lease, the conversations of this
+        # call so far (ours last), participants connected to other replicas (sid -> replica).
+        self.epoch: int | None = None
+        self.owner_link: OwnerLink | None = None
+        self.conversation_ids: list[str] = []
+        self.remote_sids: dict[str, str] = {}
+        self._quiet = False
+        self._renew_now = False
+        self.takeover = takeover is not None
+        if takeover is not None:
+            self._continue_from(takeover)
+
+    def _continue_from(self, record: CallRecord) -> None:
+        """A successor owner: the call already had a caller, a conversation and usage."""
+        self._had_caller = True
+        self.conversation_ids = list(record.conversation_ids)
+        self._seq = max(0, record.seq)
+        usage = record.usage
+        for name in ("frames_in", "bytes_in", "frames_out", "bytes_out"):
+            value = usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                setattr(self, name, value)
 
     # --- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, epoch: int | None = None) -> None:
+        """Start the call; ``epoch`` is our ownership lease's (cluster only)."""
+        self.epoch = epoch
         metrics.ACTIVE_CALLS.inc()
-        self._log_event("connecting")
+        if not self.takeover:
+            self._log_event("connecting")
         name = f"call-{self.call_id}"
         self._run_task = asyncio.create_task(self._run(), name=name)
         self._tasks = [
@@ -174,6 +247,21 @@ class CallBridge:
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
         self._wake.set()
+
+    def renew_soon(self) -> None:
+        """Renew (or restore) the ownership lease now: Redis came back, perhaps empty."""
+        self._renew_now = True
+        self._wake.set()
+
+    def abandon(self) -> None:
+        """Another replica owns the call now: stop without ending the call for anyone."""
+        if self._end is None:
+            self._quiet = True
+            self.end(OWNERSHIP_LOST)
+
+    @property
+    def abandoned(self) -> bool:
+        return self._quiet
 
     async def wait_ended(self) -> None:
         await self._done.wait()
@@ -226,6 +314,10 @@ class CallBridge:
 
     def _on_started(self, started: ConversationStarted) -> None:
         self.conversation_id = started.conversation_id
+        if started.conversation_id not in self.conversation_ids:
+            self.conversation_ids.append(started.conversation_id)
+        if self.epoch is not None:
+            self.renew_soon()  # a successor must know this conversation from now on
         # The agent's real formats win over what the control API had on file.
         for attribute, name, build in (
             ("_to_agent", started.user_input_format, self._transcoder_to_agent),
@@ -246,7 +338,8 @@ class CallBridge:
             "call ready",
             extra={"call_id": str(self.call_id), "conversation_id": started.conversation_id},
         )
-        self._send(wire.EV_READY, self._ready_payload(resumed=False), self.room)
+        # After a take-over the call goes on with a new conversation: resumed for the clients.
+        self._send(wire.EV_READY, self._ready_payload(resumed=self.takeover), self.room)
 
     def _transcoder_to_agent(self, name: str) -> Transcoder:
         return make_transcoder(self._client_format, name)
@@ -265,20 +358,43 @@ class CallBridge:
 
     async def _finish(self) -> None:
         how = self._end or RELAY_ERROR
+        quiet = self._quiet
         self.state = "ended"
         duration_ms = int((time.monotonic() - self.created_at) * 1000)
         self._outbox.drop_audio()
-        self._send(wire.EV_ENDED, wire.call_ended(how.reason, how.code), self.room)
+        if not quiet:
+            self._send(wire.EV_ENDED, wire.call_ended(how.reason, how.code), self.room)
+            # The tombstone first: from now on a reconnect anywhere is refused call_ended.
+            await self._release_ownership()
         self._outbox.close()
         pump, watch = self._tasks
         watch.cancel()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(pump), self._services.options.end_flush_seconds)
         pump.cancel()
+        if self.owner_link is not None:
+            with contextlib.suppress(Exception):
+                await self.owner_link.close()
         if self._upstream is not None:
             await self._upstream.close()
-        await self._services.cap.release(self.tenant_id, self.call_id)
+        # Usage is cumulative, so even a replica that lost the call may report what it carried.
         self._log_event("usage", **self.usage())
+        metrics.ACTIVE_CALLS.dec()
+        sids = [s for s in (self.caller_sid, *self.monitor_sids) if s is not None]
+        if quiet:
+            # The new owner holds the tenant slot and the record now, and ends the call one day.
+            self._services.registry.remove(self, ended=False)
+            for sid in sids:
+                if sid not in self.remote_sids:
+                    with contextlib.suppress(Exception):
+                        await self._emitter.hand_off(sid, "owner_moved")
+            self._done.set()
+            log.warning(
+                "call ownership lost to another replica; stopped here",
+                extra={"call_id": str(self.call_id), "epoch": self.epoch},
+            )
+            return
+        await self._services.cap.release(self.tenant_id, self.call_id)
         self._log_event(
             "ended",
             reason=how.reason,
@@ -287,12 +403,11 @@ class CallBridge:
             duration_ms=duration_ms,
             failed=how.failed,
         )
-        metrics.ACTIVE_CALLS.dec()
         metrics.CALLS.labels(how.reason).inc()
         if how.failed:
             metrics.ERRORS.labels(how.code or how.reason).inc()
         self._services.registry.remove(self)
-        for sid in [s for s in (self.caller_sid, *self.monitor_sids) if s is not None]:
+        for sid in sids:
             with contextlib.suppress(Exception):
                 await self._emitter.disconnect(sid)
         self._done.set()
@@ -308,18 +423,29 @@ class CallBridge:
         )
 
     # --- participants -------------------------------------------------------------------------
-    async def join(self, participant: Participant) -> None:
-        """Add a fully connected participant (its connect ack has been sent)."""
+    async def join(self, participant: Participant, *, replica: str | None = None) -> None:
+        """Add a fully connected participant (its connect ack has been sent). ``replica`` names
+        the replica holding its connection when that is not this one (it joined the rooms
+        there)."""
         sid = participant.sid
         if self.ended:
+            if self._quiet:
+                if replica is None:
+                    await self._emitter.hand_off(sid, "owner_moved")
+                return
             how = self._end or RELAY_ERROR
             await self._emitter.emit(wire.EV_ENDED, wire.call_ended(how.reason, how.code), room=sid)
             await self._emitter.disconnect(sid)
             return
-        await self._emitter.enter_room(sid, self.room)
+        if replica is None:
+            await self._emitter.enter_room(sid, self.room)
+            self.remote_sids.pop(sid, None)
+        else:
+            self.remote_sids[sid] = replica
         resumed = False
         if participant.role == "monitor":
-            await self._emitter.enter_room(sid, self.monitors_room)
+            if replica is None:
+                await self._emitter.enter_room(sid, self.monitors_room)
             self.monitor_sids.add(sid)
         else:
             previous, self.caller_sid = self.caller_sid, sid
@@ -338,6 +464,7 @@ class CallBridge:
             self._send(wire.EV_READY, self._ready_payload(resumed=resumed), sid)
 
     def leave(self, sid: str) -> None:
+        self.remote_sids.pop(sid, None)
         if sid == self.caller_sid:
             self.caller_sid = None
             if not self.ended:
@@ -347,6 +474,18 @@ class CallBridge:
             self.monitor_sids.discard(sid)
 
     # --- client to agent ----------------------------------------------------------------------
+    async def handle(self, sid: str, role: str, command: object) -> wire.ClientRejection | None:
+        """A parsed client command from participant ``sid`` (connected here or elsewhere)."""
+        if isinstance(command, wire.ClientAudio):
+            return await self.caller_audio(command.data)
+        if isinstance(command, wire.EndCall):
+            if role == "monitor":
+                await self._emitter.disconnect(sid)  # a monitor just leaves
+            else:
+                self.end(CALLER_HANGUP)
+            return None
+        return await self.caller_command(command)
+
     async def caller_audio(self, data: bytes) -> wire.ClientRejection | None:
         if not self.ready or self._upstream is None:
             return wire.ClientRejection(
@@ -500,6 +639,10 @@ class CallBridge:
         max_deadline = self.created_at + max(1, self.session.max_duration_seconds)
         next_usage = self.created_at + options.usage_interval_seconds
         next_renew = self.created_at + cap.renew_interval_seconds
+        cluster = self._services.cluster
+        next_lease = float("inf")
+        if cluster is not None and self.epoch is not None:
+            next_lease = self.created_at + cluster.renew_interval_seconds
         while not self.ended:
             now = time.monotonic()
             if now >= max_deadline:
@@ -515,15 +658,70 @@ class CallBridge:
                 if now >= grace_deadline:
                     self.end(CLIENT_GONE)
                     return
+            if cluster is not None and (now >= next_lease or self._renew_now):
+                self._renew_now = False
+                next_lease = now + await self._renew_lease(cluster)
+                if self.ended:
+                    return
             if now >= next_renew:
                 next_renew = now + await self._renew_slot(cap)
             if now >= next_usage:
                 next_usage = now + options.usage_interval_seconds
                 self._log_event("usage", **self.usage())
-            wake_at = min(max_deadline, idle_deadline, grace_deadline, next_renew, next_usage)
+            wake_at = min(
+                max_deadline, idle_deadline, grace_deadline, next_renew, next_usage, next_lease
+            )
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.01, wake_at - time.monotonic()))
+
+    def report(self) -> OwnedCall:
+        """What the registry keeps for a successor: usage so far, conversations, sequence."""
+        return OwnedCall(
+            tenant_id=str(self.tenant_id),
+            state="active" if self.ready else "starting",
+            conversation_ids=list(self.conversation_ids),
+            usage=self.usage(),
+            # Room for the events logged after this report, should the successor take over.
+            seq=self._seq + 1000,
+        )
+
+    async def _renew_lease(self, cluster: ClusterRegistry) -> float:
+        """Renew our ownership; returns the seconds until the next renewal. Only an explicit
+        "someone else owns it" stops the call: Redis being away never does."""
+        epoch = self.epoch
+        assert epoch is not None
+        report = self.report()
+        try:
+            renewal = await cluster.renew(self.call_id, epoch, report)
+            if renewal is Renewal.MISSING:
+                # Redis lost the record (restart, flush): write ours back unless taken.
+                restored = await cluster.restore(self.call_id, epoch, report)
+                renewal = Renewal.RENEWED if restored is Restore.OURS else Renewal.LOST
+            if self.owner_link is not None:
+                await self.owner_link.check_replicas()
+        except RegistryUnavailable:
+            log.warning(
+                "could not renew the call's ownership lease (Redis unreachable); going on",
+                extra={"call_id": str(self.call_id)},
+            )
+            return min(0.5, cluster.renew_interval_seconds)
+        if renewal is Renewal.LOST:
+            self.abandon()
+        return cluster.renew_interval_seconds
+
+    async def _release_ownership(self) -> None:
+        cluster, epoch = self._services.cluster, self.epoch
+        if cluster is None or epoch is None:
+            return
+        try:
+            await cluster.release(self.call_id, epoch, ended=True)
+        except RegistryUnavailable:
+            # The lease runs out on its own; the control API refuses the ended call meanwhile.
+            log.warning(
+                "could not mark the call ended in the registry",
+                extra={"call_id": str(self.call_id)},
+            )
 
     async def _renew_slot(self, cap: TenantCallCap) -> float:
         """Renew the tenant slot; returns the seconds until the next renewal."""

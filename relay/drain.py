@@ -5,6 +5,13 @@ closes every WebSocket at once (code 1012). While draining the relay keeps liste
 balancer probes see ``/ready`` fail and new Socket.IO connections are refused with ``draining``
 (clients retry and land on another replica), while calls in progress carry on. At the deadline
 the remaining calls end with reason ``shutdown``, each with its ``call.ended``.
+
+With several replicas, when another replica is up and not draining, every client connected
+here is told to reconnect (``hand_off``: ``relay.reconnect`` {reason: "draining"}, then its
+transport closes and its Socket.IO client reconnects through the load balancer to a replica that
+is not draining). The bridges this replica owns stay here until their calls end: their clients,
+now elsewhere, reach them through routing. A lone replica keeps its clients (there is nowhere
+else for them to go).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from relay import metrics
 from relay.protocol.close_codes import SHUTDOWN
@@ -27,11 +35,16 @@ class Drain:
     def __init__(self, registry: CallRegistry) -> None:
         self._registry = registry
         self.draining = False
+        # Tells the clients connected here to reconnect elsewhere; returns how many.
+        self.hand_off: Callable[[], Awaitable[int]] | None = None
+        self.on_begin: list[Callable[[], None]] = []
 
     def begin(self) -> None:
         if not self.draining:
             self.draining = True
             metrics.DRAINING.set(1)
+            for callback in self.on_begin:
+                callback()
 
     async def run(self, deadline_seconds: float) -> None:
         """Drain: returns when no call is left (ended by their parties or at the deadline)."""
@@ -42,6 +55,14 @@ class Drain:
             len(self._registry),
             deadline_seconds,
         )
+        if self.hand_off is not None:
+            try:
+                moved = await self.hand_off()
+            except Exception:
+                log.exception("telling clients to reconnect elsewhere failed")
+            else:
+                if moved:
+                    log.info("told %d client(s) to reconnect to another replica", moved)
         while len(self._registry) and (remaining := deadline - time.monotonic()) > 0:
             waits = [asyncio.ensure_future(b.wait_ended()) for b in self._registry.bridges()]
             try:

@@ -1,8 +1,9 @@
 """Where this replica keeps its calls: bridges by call id, participants by Socket.IO sid.
 
-One seam for call state. Today it is process memory, which is all one replica needs; the
-scale-out work replaces it with a Redis-backed registry (owner replica, lease, fencing) behind
-the same methods, so nothing else has to learn where a call lives.
+One seam for this replica's call state, in process memory: the bridges it owns and the
+Socket.IO connections it holds. Which replica owns a call cluster-wide (lease, fencing epochs)
+is the Redis registry's business (relay.cluster.registry); a participant here may belong to a
+call owned elsewhere (``Participant.remote``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class Participant:
     role: Role
     client_ip: str
     joined_at: float = field(default_factory=monotonic)
+    # The call's owner is another replica: this connection's traffic is forwarded there.
+    remote: bool = False
+    # Kept to fetch the call's session again if this replica has to take the call over.
+    token: str = field(default="", repr=False)
 
 
 # Calls that ended here are remembered this long, so a reconnect with the same token is refused
@@ -61,12 +66,15 @@ class CallRegistry:
             raise ValueError("this call already has a bridge")
         self._bridges[bridge.call_id] = bridge
 
-    def remove(self, bridge: CallBridge) -> None:
-        """Forget an ended call's bridge and remember that the call ended."""
+    def remove(self, bridge: CallBridge, *, ended: bool = True) -> None:
+        """Forget a bridge that stopped; ``ended``: remember that its call ended (False when
+        another replica took the call over and it goes on there)."""
         # Only the bridge that is registered may remove itself: a late cleanup of an old bridge
         # must not drop a newer one for the same call.
         if self._bridges.get(bridge.call_id) is bridge:
             del self._bridges[bridge.call_id]
+        if not ended:
+            return
         self._ended[bridge.call_id] = monotonic()
         self._ended.move_to_end(bridge.call_id)
         self._forget_old_ends()

@@ -9,6 +9,13 @@ whose call is already bridged here attaches to it (``resumed: true``); otherwise
 starts the upstream conversation in the background, and ``call.ready`` follows when the agent
 is there. The connect ack itself never waits on the agent.
 
+With several replicas (``runtime.cluster``), where the call lives decides what a connect does:
+its bridge is here → attach as above; a live replica owns it → the client becomes a remote
+participant (relay.cluster.remote: rooms joined here, traffic forwarded to the owner); nobody
+owns it, or its owner is dead → this replica claims the call and starts a bridge, a new upstream
+conversation when the call had one before (``call.ready`` {resumed: true}, new conversation id).
+Placement decisions for one call are serialized per replica.
+
 Handlers run inline per connection (``async_handlers=False``): a client's audio frames reach the
 agent in the order they were sent, and a slow upstream slows only its own call.
 """
@@ -16,20 +23,24 @@ agent in the order they were sent, and a slow upstream slows only its own call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import socketio
 
 from relay import metrics
 from relay.admission import AdmissionUnavailable
-from relay.bridge import CallBridge
+from relay.bridge import EV_RECONNECT, CallBridge
+from relay.cluster.registry import CallEndedInRegistry, CallRecord, RegistryUnavailable
+from relay.cluster.remote import OwnerEndpoint, RemoteCall, owner_reachable, reject
 from relay.jwks import KeysUnavailable
 from relay.protocol import client as wire
-from relay.protocol.close_codes import CALLER_HANGUP
 from relay.registry import Participant
 from relay.runtime import RelayRuntime
 from relay.sessions import CallSession, SessionError
@@ -52,6 +63,17 @@ class Refusal(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class RemotePlacement:
+    """The call is owned by another live replica: the connection joins it from here."""
+
+    record: CallRecord
+    session: CallSession
+
+
+Placement = CallBridge | RemotePlacement
+
+
 class SioEmitter:
     """``relay.bridge.Emitter`` over python-socketio. Emits go to rooms through the manager, so
     a Redis-backed manager can route them to other replicas later."""
@@ -69,10 +91,24 @@ class SioEmitter:
         await self._sio.disconnect(sid, namespace=NAMESPACE)
 
     def backlog(self, sid: str) -> int:
-        eio_sid = self._sio.manager.eio_sid_from_sid(sid, NAMESPACE)
-        socket = self._sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
-        queue = getattr(socket, "queue", None)
+        queue = getattr(self._socket(sid), "queue", None)
         return int(queue.qsize()) if queue is not None else 0
+
+    def _socket(self, sid: str) -> Any:
+        eio_sid = self._sio.manager.eio_sid_from_sid(sid, NAMESPACE)
+        return self._sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
+
+    async def hand_off(self, sid: str, reason: str) -> None:
+        await self._sio.emit(EV_RECONNECT, {"reason": reason}, room=sid, namespace=NAMESPACE)
+        socket = self._socket(sid)
+        queue = getattr(socket, "queue", None)
+        if queue is None:
+            return  # not connected here
+        # End the WebSocket after what is queued, without an Engine.IO CLOSE packet or a
+        # Socket.IO DISCONNECT: Socket.IO clients (socket.io-client and python-socketio alike)
+        # treat that as a lost transport and reconnect on their own, whereas a server
+        # disconnect is final for them. ``None`` is what Engine.IO's writer stops on.
+        await queue.put(None)
 
 
 class MalformedPacketLogFilter(logging.Filter):
@@ -115,10 +151,13 @@ def _library_loggers() -> tuple[logging.Logger, logging.Logger]:
     return loggers
 
 
-def create_sio_server(runtime: RelayRuntime) -> tuple[socketio.AsyncServer, SioEmitter]:
+def create_sio_server(
+    runtime: RelayRuntime,
+) -> tuple[socketio.AsyncServer, SioEmitter, RelayHandlers]:
     settings = runtime.settings
     sio_log, eio_log = _library_loggers()
     sio = socketio.AsyncServer(
+        client_manager=runtime.manager,
         async_mode="asgi",
         transports=["websocket"],
         # Origins are checked per agent in the connect handler ([] turns Engine.IO's check off).
@@ -133,7 +172,7 @@ def create_sio_server(runtime: RelayRuntime) -> tuple[socketio.AsyncServer, SioE
     sio.on("connect", handlers.connect, namespace=NAMESPACE)
     sio.on("disconnect", handlers.disconnect, namespace=NAMESPACE)
     sio.on("*", handlers.event, namespace=NAMESPACE)
-    return sio, emitter
+    return sio, emitter, handlers
 
 
 class RelayHandlers:
@@ -143,6 +182,18 @@ class RelayHandlers:
         self._registry = runtime.registry
         self._max_audio = runtime.settings.relay_max_audio_chunk_bytes
         self._joins: set[asyncio.Task[None]] = set()
+        self._placing: dict[uuid.UUID, asyncio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def _placement(self, call_id: uuid.UUID) -> AsyncIterator[None]:
+        """One placement decision (attach, join remotely, claim) at a time per call here."""
+        lock = self._placing.setdefault(call_id, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self._placing.get(call_id) is lock:
+                del self._placing[call_id]
 
     # --- connect ------------------------------------------------------------------------------
     async def connect(self, sid: str, environ: Mapping[str, Any], auth: Any) -> None:
@@ -150,7 +201,7 @@ class RelayHandlers:
         ip = scope_client_ip(scope, self._runtime.settings.trusted_proxies)
         context: dict[str, str] = {"client_ip": ip}
         try:
-            participant, bridge = await self._admit(sid, environ, auth, ip, context)
+            participant, placement = await self._admit(sid, environ, auth, ip, context)
         except Refusal as refusal:
             metrics.CONNECT_REJECTED.labels(refusal.code).inc()
             log.info(
@@ -170,7 +221,7 @@ class RelayHandlers:
                 message, {"code": "internal_error", "message": message}
             ) from None
         self._registry.bind(participant)
-        task = asyncio.create_task(self._join_when_connected(participant, bridge))
+        task = asyncio.create_task(self._join_when_connected(participant, placement))
         self._joins.add(task)
         task.add_done_callback(self._joins.discard)
 
@@ -181,7 +232,7 @@ class RelayHandlers:
         auth: Any,
         ip: str,
         context: dict[str, str],
-    ) -> tuple[Participant, CallBridge]:
+    ) -> tuple[Participant, Placement]:
         runtime = self._runtime
         if runtime.drain.draining:
             raise Refusal("draining", "This relay is shutting down; connect again.")
@@ -205,15 +256,69 @@ class RelayHandlers:
             tenant_id=claims.tenant_id,
             role=claims.role,
             client_ip=ip,
+            token=token,
         )
-        bridge = self._registry.get(claims.call_id)
-        if self._registry.recently_ended(claims.call_id) or (bridge is not None and bridge.ended):
-            raise Refusal("call_ended", "This call has ended.")
-        if bridge is not None:
+        local = self._local_bridge(claims.call_id)
+        if local is not None:
+            return participant, local
+        if runtime.cluster is None:
+            if claims.role == "monitor":
+                raise Refusal("not_ready", "The call is not in progress here; try again shortly.")
+            bridge = await self._new_bridge(claims, session)
+            assert bridge is not None  # only a cluster claim can lose a race
             return participant, bridge
-        if claims.role == "monitor":
-            raise Refusal("not_ready", "The call is not in progress here; try again shortly.")
-        return participant, await self._new_bridge(claims, session)
+        async with self._placement(claims.call_id):
+            placement = await self._place(participant, claims, session)
+        if isinstance(placement, RemotePlacement):
+            participant.remote = True
+        return participant, placement
+
+    def _local_bridge(self, call_id: uuid.UUID) -> CallBridge | None:
+        bridge = self._registry.get(call_id)
+        if self._registry.recently_ended(call_id) or (
+            bridge is not None and bridge.ended and not bridge.abandoned
+        ):
+            raise Refusal("call_ended", "This call has ended.")
+        return bridge if bridge is not None and not bridge.ended else None
+
+    async def _place(
+        self, participant: Participant, claims: CallTokenClaims, session: CallSession
+    ) -> Placement:
+        """Where this connection's call lives, cluster-wide (claiming it if nobody has it)."""
+        runtime, cluster = self._runtime, self._runtime.cluster
+        assert cluster is not None
+        local = self._local_bridge(claims.call_id)
+        if local is not None:
+            return local
+        for _ in range(3):
+            record = await self._lookup(claims.call_id)
+            if record is not None and record.ended:
+                raise Refusal("call_ended", "This call has ended.")
+            if (
+                record is not None
+                and record.owner not in ("", cluster.replica_id)
+                and record.has_live_owner
+                and await owner_reachable(runtime.redis, runtime.channels, record)
+            ):
+                if runtime.drain.draining:
+                    raise Refusal("draining", "This relay is shutting down; connect again.")
+                return RemotePlacement(record, session)
+            if claims.role == "monitor":
+                raise Refusal("not_ready", "The call is not in progress yet; try again shortly.")
+            bridge = await self._new_bridge(claims, session, record)
+            if bridge is not None:
+                return bridge
+            # Another replica claimed the call a moment ago: join it there.
+        raise Refusal("upstream_unavailable", "The call could not be placed; try again.")
+
+    async def _lookup(self, call_id: uuid.UUID) -> CallRecord | None:
+        assert self._runtime.cluster is not None
+        try:
+            return await self._runtime.cluster.lookup(call_id)
+        except RegistryUnavailable:
+            raise Refusal(
+                "upstream_unavailable", "The relay cannot place calls right now; try again."
+            ) from None
 
     async def _verify(self, token: str) -> CallTokenClaims:
         try:
@@ -242,38 +347,136 @@ class RelayHandlers:
         if origin not in allowed:
             raise Refusal("forbidden", "This origin may not call this agent.")
 
-    async def _new_bridge(self, claims: CallTokenClaims, session: CallSession) -> CallBridge:
+    async def _new_bridge(
+        self,
+        claims: CallTokenClaims | None,
+        session: CallSession,
+        record: CallRecord | None = None,
+    ) -> CallBridge | None:
+        """Start the call's bridge here (and own the call). ``claims`` is None for a take-over
+        by a watcher; ``record`` is the registry's view of the call, if it has one. Returns None
+        when another replica claimed the call first."""
         runtime = self._runtime
-        if session.status == "created" and not claims.may_first_connect():
+        cluster = runtime.cluster
+        # The call had a conversation before: this bridge continues the call with a new one.
+        takeover = record if record is not None and record.conversation_ids else None
+        if (
+            claims is not None
+            and takeover is None
+            and session.status == "created"
+            and not claims.may_first_connect()
+        ):
             raise Refusal("unauthorized", "The call token's time to connect has passed.")
+        # A call that is already running keeps its slot whatever the cap is now (idempotent).
+        limit = 1_000_000 if takeover is not None else session.tenant_max_concurrent_calls
         try:
-            held = await runtime.cap.acquire(
-                claims.tenant_id, claims.call_id, session.tenant_max_concurrent_calls
-            )
+            held = await runtime.cap.acquire(session.tenant_id, session.call_id, limit)
         except AdmissionUnavailable:
             raise Refusal(
                 "upstream_unavailable", "The relay cannot admit calls right now; try again."
             ) from None
         if not held:
             raise Refusal("tenant_limit", "The tenant's limit of concurrent calls is reached.")
-        # Everything below is synchronous: no other connect can slip in between the check and
-        # the registration.
-        existing = self._registry.get(claims.call_id)
+        call_id, tenant_id = session.call_id, session.tenant_id
+        # Everything below is synchronous up to the claim: no other connect can slip in between
+        # the check and the registration (and the cluster path holds the placement lock).
+        existing = self._registry.get(call_id)
         if existing is not None and not existing.ended:
             return existing  # another connection of this caller won the race
-        if existing is not None or self._registry.recently_ended(claims.call_id):
+        if (existing is not None and not existing.abandoned) or self._registry.recently_ended(
+            call_id
+        ):
             # The call ended meanwhile; its own release may have run before our acquire.
-            await runtime.cap.release(claims.tenant_id, claims.call_id)
+            await runtime.cap.release(tenant_id, call_id)
             raise Refusal("call_ended", "This call has ended.")
         if runtime.drain.draining:
-            await runtime.cap.release(claims.tenant_id, claims.call_id)
+            if takeover is None:
+                await runtime.cap.release(tenant_id, call_id)
             raise Refusal("draining", "This relay is shutting down; connect again.")
-        bridge = CallBridge(runtime.bridge_services, session)
+        bridge = CallBridge(runtime.bridge_services, session, takeover=takeover)
+        if cluster is None:
+            self._registry.add(bridge)
+            bridge.start()
+            return bridge
+        # Serve the owner channel before claiming: an owner is reachable as soon as it owns.
+        endpoint = OwnerEndpoint(
+            bridge,
+            runtime.routing,
+            cluster,
+            runtime.bridge_services.emitter,
+            max_audio_bytes=self._max_audio,
+        )
+        await endpoint.open()
+        dead_owner = record if record is not None and record.owner else None
+        try:
+            epoch = await cluster.claim(call_id, tenant_id, dead_owner=dead_owner)
+        except CallEndedInRegistry:
+            await endpoint.close()
+            await runtime.cap.release(tenant_id, call_id)
+            raise Refusal("call_ended", "This call has ended.") from None
+        except RegistryUnavailable:
+            await endpoint.close()
+            if takeover is None:
+                await runtime.cap.release(tenant_id, call_id)
+            raise Refusal(
+                "upstream_unavailable", "The relay cannot place calls right now; try again."
+            ) from None
+        if epoch is None:
+            # Lost the race; the slot (same call id) is the winner's now, so it stays.
+            await endpoint.close()
+            return None
         self._registry.add(bridge)
-        bridge.start()
+        bridge.start(epoch)
+        if takeover is not None:
+            log.info(
+                "took the call over; starting a new upstream conversation",
+                extra={"call_id": str(call_id), "epoch": epoch, "previous": takeover.owner},
+            )
         return bridge
 
-    async def _join_when_connected(self, participant: Participant, bridge: CallBridge) -> None:
+    async def take_over(self, call: RemoteCall, record: CallRecord | None) -> bool:
+        """A watcher found the owner of a call whose clients are here gone (or found the call
+        owned here already): run it here. True when the participants are local now."""
+        async with self._placement(call.call_id):
+            bridge = self._registry.get(call.call_id)
+            if bridge is None or bridge.ended:
+                callers = [p for p in call.participants.values() if p.role == "caller"]
+                if not callers or self._runtime.drain.draining:
+                    return False  # the caller's replica (or another one) takes the call
+                try:
+                    session = await self._fresh_session(call, callers[0])
+                    bridge = await self._new_bridge(None, session, record)
+                except Refusal as refusal:
+                    log.warning(
+                        "could not take the call over: %s",
+                        refusal.code,
+                        extra={"call_id": str(call.call_id)},
+                    )
+                    if refusal.code == "call_ended":
+                        for sid in list(call.participants):
+                            await self._sio.disconnect(sid, namespace=NAMESPACE)
+                    return False
+                if bridge is None:
+                    return False
+            for participant in list(call.participants.values()):
+                if self._registry.participant(participant.sid) is participant:
+                    participant.remote = False
+                    await bridge.join(participant)
+            call.participants.clear()
+            return True
+
+    async def _fresh_session(self, call: RemoteCall, caller: Participant) -> CallSession:
+        """The call's session, fetched again: the upstream URL it holds may have expired."""
+        if not caller.token:
+            return call.session
+        try:
+            session = await self._runtime.sessions.fetch(caller.token)
+        except SessionError as exc:
+            raise Refusal(exc.code, exc.message) from None
+        call.session = session
+        return session
+
+    async def _join_when_connected(self, participant: Participant, placement: Placement) -> None:
         # Events must not reach a client before its connect ack, and python-socketio sends the
         # ack only after this handler returns: wait until the manager marks the sid connected.
         loop = asyncio.get_running_loop()
@@ -289,7 +492,12 @@ class RelayHandlers:
             await asyncio.sleep(delay)
             delay = min(0.01, delay + 0.001)
         try:
-            await bridge.join(participant)
+            if isinstance(placement, RemotePlacement):
+                remotes = self._runtime.remotes
+                assert remotes is not None
+                await remotes.attach(participant, placement.record, placement.session)
+            else:
+                await placement.join(participant)
         except Exception:
             log.exception("could not add a participant to its call")
 
@@ -297,6 +505,10 @@ class RelayHandlers:
     async def disconnect(self, sid: str, reason: Any = None) -> None:
         participant = self._registry.unbind(sid)
         if participant is None:
+            return
+        if participant.remote:
+            if self._runtime.remotes is not None:
+                await self._runtime.remotes.detach(participant)
             return
         bridge = self._registry.get(participant.call_id)
         if bridge is not None:
@@ -319,31 +531,22 @@ class RelayHandlers:
         if isinstance(command, wire.ClientRejection):
             await self._reject(sid, command)
             return
+        if participant.remote:
+            remotes = self._runtime.remotes
+            if isinstance(command, wire.EndCall) and participant.role == "monitor":
+                await self._sio.disconnect(sid, namespace=NAMESPACE)
+            elif remotes is not None:
+                await remotes.forward(participant, event, data)
+            return
         bridge = self._registry.get(participant.call_id)
         if bridge is None or bridge.ended:
             await self._reject(
                 sid, wire.ClientRejection(wire.ErrorCode.call_ended, "This call has ended.")
             )
             return
-        rejection: wire.ClientRejection | None
-        if isinstance(command, wire.ClientAudio):
-            rejection = await bridge.caller_audio(command.data)
-        elif isinstance(command, wire.EndCall):
-            rejection = None
-            if participant.role == "monitor":
-                await self._sio.disconnect(sid, namespace=NAMESPACE)
-            else:
-                bridge.end(CALLER_HANGUP)
-        else:
-            rejection = await bridge.caller_command(command)
+        rejection = await bridge.handle(sid, participant.role, command)
         if rejection is not None:
             await self._reject(sid, rejection)
 
     async def _reject(self, sid: str, rejection: wire.ClientRejection) -> None:
-        metrics.ERRORS.labels(rejection.code).inc()
-        await self._sio.emit(
-            wire.EV_ERROR,
-            wire.error(rejection.code, rejection.message),
-            room=sid,
-            namespace=NAMESPACE,
-        )
+        await reject(self._runtime.bridge_services.emitter, sid, rejection)

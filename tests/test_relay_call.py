@@ -239,6 +239,9 @@ async def test_monitor_hears_both_sides_and_cannot_speak(
             await monitor.wait_for("user_transcript")
 
             # Read-only: audio and messages from a monitor never reach the agent.
+            spoken = len(voiced) + len(pcm_silence(0.8))
+            # (The caller's trailing silence may still be on its way to the agent.)
+            await eventually(lambda: conversation.audio_bytes_in >= spoken)
             received = conversation.audio_bytes_in
             mark = len(monitor.events)
             await monitor.emit("audio", voiced[:FRAME_20MS])

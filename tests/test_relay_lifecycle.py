@@ -314,7 +314,11 @@ async def test_sigterm_drains_then_ends_calls_with_shutdown(
     late = await stack.call(api, tenant, agent)
     deadline = 2.0
     async with (
-        relay_process(stack.settings, DRAIN_DEADLINE_SECONDS=str(deadline)) as (url, process),
+        # A lone replica (no cluster): its clients stay through the drain, as there is nowhere
+        # else for them to go (with other replicas up they would be told to reconnect).
+        relay_process(
+            stack.settings, DRAIN_DEADLINE_SECONDS=str(deadline), RELAY_CLIENT_MANAGER="local"
+        ) as (url, process),
         httpx.AsyncClient(base_url=url) as http,
         call_client(url, call["token"]) as client,
     ):

@@ -166,9 +166,10 @@ class ConnectRefused(Exception):
 class CallClient:
     """A python-socketio client that records everything the relay sends it, in order."""
 
-    def __init__(self, relay_url: str) -> None:
+    def __init__(self, relay_url: str, *, reconnection: bool = False) -> None:
         self.url = relay_url
-        self.sio = socketio.AsyncClient(reconnection=False)
+        # reconnection=True: python-socketio's own automatic reconnection (as socket.io-client).
+        self.sio = socketio.AsyncClient(reconnection=reconnection, reconnection_delay=0.2)
         self.events: list[tuple[str, Any]] = []
         self._changed = asyncio.Condition()
         self.connect_error: Any = None
