@@ -26,6 +26,7 @@ from prometheus_client import REGISTRY
 
 from relay.cluster.envelope import Envelope, owner_kind
 from relay.cluster.manager import CrossReplicaCallbackError, RelayClientManager
+from relay.cluster.pubsub import PubSub
 from tests.support.servers import serve
 from voicerelay.settings import Settings
 
@@ -525,3 +526,43 @@ async def test_redis_restart_resubscribes_restores_memberships_and_emits_flow_ag
         await until(flowing)
         await settle((r1, c1), (r2, c2))
         assert c2.events("local") == []
+
+
+async def test_a_silent_redis_is_noticed_by_ping_and_the_listener_recovers(
+    scratch_redis: ScratchRedis,
+) -> None:
+    """A frozen server keeps its sockets open: only the listener's PING can tell."""
+    pubsub = PubSub(scratch_redis.url, ping_interval=0.2, subscribe_timeout=0.5)
+    got: list[bytes] = []
+
+    async def handler(data: bytes) -> None:
+        got.append(data)
+
+    await pubsub.start()
+    publisher = aioredis.Redis.from_url(scratch_redis.url)
+    pid = scratch_redis.server.pid
+    try:
+        await pubsub.subscribe("silent-test", handler)
+        await until(lambda: pubsub.healthy)
+        await publisher.publish("silent-test", b"one")
+        await until(lambda: got == [b"one"])
+        before = restarts()
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await until(lambda: not pubsub.healthy)
+            assert restarts() == before + 1
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await until(lambda: pubsub.healthy)
+        assert pubsub.subscribed("silent-test")
+
+        async def delivered() -> bool:
+            await publisher.publish("silent-test", b"two")
+            await asyncio.sleep(0.05)
+            return b"two" in got
+
+        await until(delivered)
+    finally:
+        await publisher.aclose()
+        await pubsub.close()

@@ -632,6 +632,7 @@ class RelayClientManager(socketio.AsyncManager):  # type: ignore[misc]
 
     # --- refresh --------------------------------------------------------------------------------
     async def _refresh_loop(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self._refresh_seconds)
             try:
@@ -639,7 +640,11 @@ class RelayClientManager(socketio.AsyncManager):  # type: ignore[misc]
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("room replica sets not refreshed (%s)", exc)
+                if not failing:  # once per outage, not every few seconds
+                    log.warning("room replica sets not refreshed (%s); retrying", exc)
+                failing = True
+            else:
+                failing = False
 
     async def refresh(self) -> None:
         """Reload every followed room's replica set, re-assert this replica's memberships and

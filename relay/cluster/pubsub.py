@@ -148,6 +148,15 @@ class PubSub:
             asyncio.create_task(self._listen(), name="pubsub-listener"),
             asyncio.create_task(self._publish_loop(), name="pubsub-publisher"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        # Both loops catch everything; ending anyway is a bug, and must not go unnoticed.
+        if self._closing or task.cancelled():
+            return
+        self._healthy = False
+        log.error("pub/sub %s stopped", task.get_name(), exc_info=task.exception())
 
     async def close(self, flush_timeout: float = 1.0) -> None:
         if self._closing:
@@ -307,7 +316,7 @@ class PubSub:
     async def _await_confirmations(self) -> None:
         waiters = [w for queue in self._pending.values() for w in queue]
         if waiters:
-            async with asyncio.timeout(max(self._subscribe_timeout, 5.0)):
+            async with asyncio.timeout(self._subscribe_timeout * 2):
                 await asyncio.gather(*(asyncio.shield(w) for w in waiters))
 
     async def _read(self, conn: AbstractConnection) -> None:
