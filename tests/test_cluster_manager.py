@@ -240,6 +240,7 @@ async def test_room_emit_reaches_members_on_every_replica_once_and_byte_exact(
     assert await subscribers(redis_client, r1.manager, r1.manager.channels.room("/", x)) == 2
     members = await redis_client.smembers(r1.manager.channels.room_replicas("/", x))
     assert {m.decode() for m in members} == {r1.id, r2.id}
+    await until(lambda: r3.manager.stats.received == 1)  # its own notice for c3's room
     r3_received = r3.manager.stats.received
 
     mixed = {"chunk": AUDIO, "seq": 7}
@@ -275,6 +276,7 @@ async def test_emits_within_one_replica_never_touch_redis(
     z = room()
     c1 = await clients().connect(r1, [z])
     c1b = await clients().connect(r1, [z])
+    await until(lambda: r1.manager.stats.received == 1)  # its own notice: z's first member
     published = r1.manager.stats.published
     received = [r.manager.stats.received for r in three.replicas]
 
