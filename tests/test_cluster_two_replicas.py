@@ -122,6 +122,8 @@ async def test_reconnect_to_the_other_replica_continues_the_same_conversation(
         assert replicas.r1.runtime.registry.get(call_id) is not None
         assert replicas.r2.runtime.registry.get(call_id) is None
         said.append(await echo_turn(second, hz=660.0))
+        async with httpx.AsyncClient(base_url=replicas.r2_url) as http:
+            assert (await http.get("/ready")).json()["checks"]["pubsub"] == "ok"
         assert emits_published() > published_before  # agent audio went to replica 2
         mark = len(second.events)
         await second.emit("user_message", {"text": "across replicas"})

@@ -367,11 +367,12 @@ class RemoteCalls:
                 for participant in list(call.participants.values()):
                     await self._join(call, participant)
             return True
-        log.warning(
-            "owner of a call is gone; taking the call over",
-            extra={"call_id": str(call.call_id), "owner": call.owner},
-        )
+        # Only a replica holding the caller takes over; monitors wait for the caller's replica.
         if await self._take_over(call, record):
+            log.warning(
+                "owner of a call was gone; took the call over",
+                extra={"call_id": str(call.call_id), "owner": call.owner},
+            )
             self._forget(call)
             return False
         return True
