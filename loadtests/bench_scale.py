@@ -55,7 +55,8 @@ MANAGERS = ("targeted", "stock")
 START_DELAY_SECONDS = 0.5
 REPLICA_START_SECONDS = 60.0
 SILENCE_MARGIN_MS = 500
-SETTLE_SECONDS = 1.0
+SETTLE_SECONDS = 0.5
+IDLE_SECONDS = 1.5
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,13 @@ class Measurement:
     frames_echoed: int = 0
     rtt_p50_ms: float = math.nan
     rtt_p99_ms: float = math.nan
+    # Each replica's CPU with no call, as a fraction of one core: its fixed cost (heartbeats,
+    # lease renewals, pub/sub, the event loop), which more replicas multiply.
+    idle_core_fraction: list[float] = field(default_factory=list)
+    # Is the machine saturated? 1-minute load average at the start, and the other processes'
+    # CPU in the window (percent of one core).
+    load_average: float = 0.0
+    other_cpu_percent: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -147,6 +155,13 @@ class Measurement:
         return 100 * mean / self.window_seconds
 
     @property
+    def idle_core_percent(self) -> float:
+        """Mean CPU use of one replica with no call, in percent of one core."""
+        if not self.idle_core_fraction:
+            return math.nan
+        return 100 * sum(self.idle_core_fraction) / len(self.idle_core_fraction)
+
+    @property
     def redis_per_call_minute(self) -> float:
         return self.redis_cpu_seconds / self.call_minutes if self.call_minutes else math.nan
 
@@ -164,6 +179,7 @@ class Measurement:
             per_replica_min=low,
             per_replica_max=high,
             replica_core_percent=self.replica_core_percent,
+            idle_core_percent=self.idle_core_percent,
             redis_per_call_minute=self.redis_per_call_minute,
             lost_fraction=self.lost_fraction,
         )
@@ -180,69 +196,64 @@ class Replica:
     process: subprocess.Popen[bytes]
     log_path: Path
 
-    def wait_stopped(self, timeout: float = 20.0) -> None:
-        """After SIGTERM: wait for the drain (a second SIGTERM would cut it short), then kill."""
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-
     def log_tail(self, lines: int = 20) -> str:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
 
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/ready", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-@contextlib.contextmanager
-def replicas(stack: BenchStack, count: int, manager: str) -> Iterator[list[Replica]]:
-    """``count`` relay processes started together; SIGTERM (then SIGKILL) on exit."""
+def spawn_replicas(stack: BenchStack, count: int, manager: str) -> list[Replica]:
     started: list[Replica] = []
-    try:
-        for index in range(count):
-            port = free_port()
-            relay_id = f"bench-{manager}-{count}-{index + 1}"
-            log_path = stack.logs / f"{relay_id}.log"
-            env = dict(
-                stack.env,
-                RELAY_ID=relay_id,
-                RELAY_HOST="127.0.0.1",
-                RELAY_PORT=str(port),
-                RELAY_PUBLIC_URL=f"ws://127.0.0.1:{port}",
-                RELAY_CLIENT_MANAGER=manager,
+    for index in range(count):
+        port = free_port()
+        relay_id = f"bench-{manager}-{count}-{index + 1}"
+        log_path = stack.logs / f"{relay_id}.log"
+        env = dict(
+            stack.env,
+            RELAY_ID=relay_id,
+            RELAY_HOST="127.0.0.1",
+            RELAY_PORT=str(port),
+            RELAY_PUBLIC_URL=f"ws://127.0.0.1:{port}",
+            RELAY_CLIENT_MANAGER=manager,
+        )
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "voicerelay", "relay"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
-            with log_path.open("wb") as log:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "voicerelay", "relay"],
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            started.append(Replica(relay_id, f"http://127.0.0.1:{port}", process, log_path))
-        deadline = time.monotonic() + REPLICA_START_SECONDS
-        waiting = list(started)
+        started.append(Replica(relay_id, f"http://127.0.0.1:{port}", process, log_path))
+    return started
+
+
+async def wait_ready(started: list[Replica]) -> None:
+    deadline = time.monotonic() + REPLICA_START_SECONDS
+    waiting = list(started)
+    async with httpx.AsyncClient(timeout=1) as http:
         while waiting:
             for replica in list(waiting):
                 if replica.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{replica.relay_id} did not start:\n{replica.log_tail()}")
-                if _ready(replica.url):
-                    waiting.remove(replica)
-            time.sleep(0.1)
-        yield started
-    finally:
-        for replica in started:
-            if replica.process.poll() is None:
-                replica.process.send_signal(signal.SIGTERM)
-        for replica in started:
-            replica.wait_stopped()
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(replica.url + "/ready")).status_code == 200:
+                        waiting.remove(replica)
+            await asyncio.sleep(0.1)
+
+
+def stop_replicas(started: list[Replica], timeout: float = 20.0) -> None:
+    """SIGTERM each once (a second signal would cut its drain short), wait, then SIGKILL."""
+    for replica in started:
+        if replica.process.poll() is None:
+            replica.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for replica in started:
+        try:
+            replica.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            replica.process.kill()
+            replica.process.wait(10)
 
 
 # --- One measurement ---------------------------------------------------------------------------
@@ -282,6 +293,14 @@ async def _start_generator(log: Path) -> Generator:
     return Generator(process)
 
 
+async def _cpu_over(processes: list[psutil.Process], seconds: float) -> list[float]:
+    before = [_cpu(p) for p in processes]
+    began = time.monotonic()
+    await asyncio.sleep(seconds)
+    elapsed = time.monotonic() - began
+    return [(_cpu(p) - b) / elapsed for p, b in zip(processes, before, strict=True)]
+
+
 async def _measure(
     stack: BenchStack,
     redis_pid: int,
@@ -289,14 +308,19 @@ async def _measure(
     result: Measurement,
     options: Options,
 ) -> None:
-    tokens = await _tokens(stack, options.calls)
-    targets = plan_targets([r.url for r in servers], tokens, options.cross)
-    count = max(1, min(options.generators, len(targets)))
+    # The generators and the call tokens get ready while the replicas start.
+    count = max(1, min(options.generators, options.calls))
     generators = [
         await _start_generator(stack.logs / f"scale-generator-{i}.log") for i in range(count)
     ]
     through: list[float] = []
     try:
+        tokens = asyncio.create_task(_tokens(stack, options.calls))
+        await wait_ready(servers)
+        targets = plan_targets([r.url for r in servers], await tokens, options.cross)
+        watched = [psutil.Process(r.process.pid) for r in servers]
+        await asyncio.sleep(SETTLE_SECONDS)  # start-up work out of the idle baseline
+        result.idle_core_fraction = await _cpu_over(watched, IDLE_SECONDS)
         for i, generator in enumerate(generators):
             await generator.send(
                 {
@@ -318,17 +342,25 @@ async def _measure(
         go = {"start_at": start_at, "measure_from": measure_from, "measure_until": measure_until}
         for generator in generators:
             await generator.send(go)
-        watched = [psutil.Process(r.process.pid) for r in servers]
-        redis_process = psutil.Process(redis_pid)
+        others = {"redis": psutil.Process(redis_pid)}
+        for name, service in (("emulator", stack.emulator), ("control API", stack.api)):
+            if service is not None:
+                others[name] = psutil.Process(service.pid)
+        for i, generator in enumerate(generators):
+            others[f"generator {i}"] = psutil.Process(generator.process.pid)
         await asyncio.sleep(max(0.0, measure_from - time.time()))
         before = [_cpu(p) for p in watched]
-        redis_before, began = _cpu(redis_process), time.monotonic()
+        others_before = {name: _cpu(p) for name, p in others.items()}
+        began = time.monotonic()
         await asyncio.sleep(max(0.0, measure_until - time.time()))
         after = [_cpu(p) for p in watched]
-        redis_after, ended = _cpu(redis_process), time.monotonic()
-        result.replica_cpu_seconds = [b - a for a, b in zip(before, after, strict=True)]
-        result.redis_cpu_seconds = redis_after - redis_before
+        ended = time.monotonic()
         result.window_seconds = ended - began
+        result.replica_cpu_seconds = [b - a for a, b in zip(before, after, strict=True)]
+        for name, process in others.items():
+            used = _cpu(process) - others_before[name]
+            result.other_cpu_percent[name] = round(100 * used / result.window_seconds, 1)
+        result.redis_cpu_seconds = result.other_cpu_percent["redis"] * result.window_seconds / 100
 
         for generator in generators:
             report = await generator.receive(options.seconds + RESULT_GRACE_SECONDS)
@@ -347,12 +379,14 @@ def measure(
 ) -> Measurement:
     cross = sum(cross_replica(i, options.cross) for i in range(options.calls))
     result = Measurement(manager=manager, replicas=count, calls=options.calls, cross_calls=cross)
+    result.load_average = os.getloadavg()[0]
+    servers = spawn_replicas(stack, count, manager)
     try:
-        with replicas(stack, count, manager) as servers:
-            time.sleep(SETTLE_SECONDS)  # start-up work out of the baseline
-            asyncio.run(_measure(stack, redis_pid, servers, result, options))
+        asyncio.run(_measure(stack, redis_pid, servers, result, options))
     except Exception as exc:
         result.errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        stop_replicas(servers)
     return result
 
 
@@ -413,6 +447,10 @@ def _number(value: float, digits: int = 3) -> str:
     return "—" if math.isnan(value) else f"{value:.{digits}f}"
 
 
+def _percent(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.1f}%"
+
+
 def _baselines(measurements: list[Measurement]) -> dict[str, Measurement]:
     found: dict[str, Measurement] = {}
     for m in measurements:
@@ -431,6 +469,7 @@ def table(measurements: list[Measurement]) -> str:
         "per replica, min to max",
         "x 1 replica",
         "CPU per replica",
+        "idle",
         "Redis CPU s per call-minute",
         "frames lost",
         "echo p50",
@@ -452,7 +491,8 @@ def table(measurements: list[Measurement]) -> str:
                 _number(m.cpu_per_call_minute),
                 f"{_number(low)} to {_number(high)}",
                 ratio,
-                "—" if math.isnan(m.replica_core_percent) else f"{m.replica_core_percent:.0f}%",
+                _percent(m.replica_core_percent),
+                _percent(m.idle_core_percent),
                 _number(m.redis_per_call_minute),
                 "—" if math.isnan(m.lost_fraction) else f"{m.lost_fraction:.2%}",
                 "—" if math.isnan(m.rtt_p50_ms) else f"{m.rtt_p50_ms:.1f} ms",
@@ -490,6 +530,14 @@ def ratios(measurements: list[Measurement]) -> str:
     return "\n".join(lines)
 
 
+def machine_load(measurements: list[Measurement]) -> str:
+    lines = ["Load average at the start of each step, and the other processes' CPU in its window:"]
+    for m in measurements:
+        used = ", ".join(f"{name} {pct:.0f}%" for name, pct in m.other_cpu_percent.items())
+        lines.append(f"  {m.manager:<8} x{m.replicas}: load {m.load_average:.1f}; {used}")
+    return "\n".join(lines)
+
+
 # --- Command line --------------------------------------------------------------------------------
 
 
@@ -509,8 +557,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         help="Comma-separated RELAY_CLIENT_MANAGER values to compare (targeted, stock).",
     )
     parser.add_argument("--calls", type=int, default=48, help="Concurrent calls, every step.")
-    parser.add_argument("--seconds", type=float, default=20.0, help="Measured window per step.")
-    parser.add_argument("--warmup", type=float, default=3.0, help="Streaming before measuring.")
+    parser.add_argument("--seconds", type=float, default=15.0, help="Measured window per step.")
+    parser.add_argument("--warmup", type=float, default=2.0, help="Streaming before measuring.")
     parser.add_argument(
         "--cross", type=float, default=0.25, help="Fraction of calls that are cross-replica."
     )
@@ -602,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = ratios(measurements)
     if summary:
         print(summary)
+    print(machine_load(measurements))
     print(f"({time.monotonic() - started:.0f} s in all)")
     for m in measurements:
         for error in sorted(set(m.errors))[:5]:
