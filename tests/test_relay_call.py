@@ -58,8 +58,13 @@ async def call_log(api: httpx.AsyncClient, tenant: Any, call_id: str) -> dict[st
             r = await api.get(f"/v1/calls/{call_id}", headers=auth(tenant))
             assert r.status_code == 200, r.text
             body: dict[str, Any] = r.json()
-            if body["status"] in ("ended", "failed") and any(
-                e["type"] == "ended" for e in body["timeline"]
+            # Several consumers of the group may write a call's events (every control API
+            # instance runs one), so the final usage can land just after `ended`: wait for both.
+            types = [e["type"] for e in body["timeline"]]
+            if (
+                body["status"] in ("ended", "failed")
+                and "ended" in types
+                and "usage" in types[types.index("ended") - 1 :]
             ):
                 return body
             await asyncio.sleep(0.1)
