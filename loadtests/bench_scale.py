@@ -52,6 +52,10 @@ from loadtests.bench_relay import RESULT_GRACE_SECONDS, RESULT_LINE_LIMIT, Gener
 from loadtests.bench_stack import BenchStack, bench_stack, free_port
 
 MANAGERS = ("targeted", "stock")
+# "local": python-socketio's in-process manager, no Redis routing or registry at all. Not a
+# way to run several replicas (a reconnect elsewhere starts a new conversation), but with
+# --cross 0 it is the control: what spreading the same calls over N processes costs by itself.
+CHOICES = (*MANAGERS, "local")
 START_DELAY_SECONDS = 0.5
 REPLICA_START_SECONDS = 60.0
 SILENCE_MARGIN_MS = 500
@@ -554,7 +558,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument(
         "--managers",
         default=",".join(MANAGERS),
-        help="Comma-separated RELAY_CLIENT_MANAGER values to compare (targeted, stock).",
+        help="Comma-separated RELAY_CLIENT_MANAGER values to compare (targeted, stock, local).",
     )
     parser.add_argument("--calls", type=int, default=48, help="Concurrent calls, every step.")
     parser.add_argument("--seconds", type=float, default=15.0, help="Measured window per step.")
@@ -570,8 +574,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument("--logs", type=Path, default=None, help="Keep service logs here.")
     args = parser.parse_args(argv)
     managers = [m.strip() for m in args.managers.split(",") if m.strip()]
-    if not managers or set(managers) - set(MANAGERS):
-        parser.error(f"--managers takes {', '.join(MANAGERS)}")
+    if not managers or set(managers) - set(CHOICES):
+        parser.error(f"--managers takes {', '.join(CHOICES)}")
     counts = args.replicas or [1, 2, 4, 8]
     if min(counts) < 1 or args.calls < 1 or args.seconds <= 0 or not 0 <= args.cross <= 1:
         parser.error("--replicas >= 1, --calls >= 1, --seconds > 0, 0 <= --cross <= 1")
