@@ -11,11 +11,13 @@ to the ElevenLabs emulator's echo agent. The replicas are separate `voicerelay r
 unix socket, so the stock manager's global channel reaches nobody else).
 
 Callers are handed out round-robin over the replicas, as by a balancer without affinity. The mix:
-call ``i`` connects to replica ``i mod N``, whose bridge then owns the call; every call whose
-index is ``k - 1 mod k`` (k = 1/--cross, so one in four by default) then drops its connection and
-reconnects to replica ``i + 1 mod N``: for the whole measurement its caller and its bridge are on
-different replicas and all its audio, both ways, crosses Redis. With one replica that caller
-reconnects to the same replica. Reconnections happen before the measured window.
+call ``i`` connects to replica ``i mod N``, whose bridge then owns the call; one call in k
+(k = 1/--cross, four by default; the pick rotates so every replica owns some) then drops its
+connection and reconnects to replica ``i + 1 mod N``: for the whole measurement its caller and
+its bridge are on different replicas and all its audio, both ways, crosses Redis. With one
+replica that caller reconnects to the same replica. Reconnections happen before the measured
+window. (The stock manager has no call registry: there a reconnecting caller gets a new bridge
+where it reconnects, and what it measures is stock's every-emit-to-every-replica fan-out.)
 
 Measured over the steady-state window: every replica's CPU (user + system seconds), summed and
 per replica, per call-minute carried; the Redis server's CPU; frames echoed; the echo round trip
@@ -86,12 +88,15 @@ class Options:
         return self.talk_frames + max(1, SILENCE_MARGIN_MS // self.frame_ms)
 
 
-def cross_replica(index: int, cross: float) -> bool:
-    """Whether call ``index`` reconnects to the next replica (one in ``round(1/cross)``)."""
+def cross_replica(index: int, cross: float, replicas: int) -> bool:
+    """Whether call ``index`` (dealt to replica ``index mod replicas``) reconnects to the next
+    replica: one call in k = round(1/cross). The pick shifts by one every round of dealing, so
+    the crossing calls' owners rotate over the replicas instead of all landing on one."""
     if cross <= 0:
         return False
     every = max(1, round(1 / cross))
-    return index % every == every - 1
+    round_, seat = divmod(index, replicas)
+    return (round_ + seat) % every == every - 1
 
 
 def plan_targets(urls: list[str], tokens: list[str], cross: float) -> list[dict[str, Any]]:
@@ -99,7 +104,7 @@ def plan_targets(urls: list[str], tokens: list[str], cross: float) -> list[dict[
     targets: list[dict[str, Any]] = []
     for index, token in enumerate(tokens):
         home = urls[index % len(urls)]
-        if cross_replica(index, cross):
+        if cross_replica(index, cross, len(urls)):
             then = urls[(index + 1) % len(urls)]
             targets.append({"kind": "relay-hop", "first_url": home, "url": then, "token": token})
         else:
@@ -381,7 +386,7 @@ async def _measure(
 def measure(
     stack: BenchStack, redis_pid: int, manager: str, count: int, options: Options
 ) -> Measurement:
-    cross = sum(cross_replica(i, options.cross) for i in range(options.calls))
+    cross = sum(cross_replica(i, options.cross, count) for i in range(options.calls))
     result = Measurement(manager=manager, replicas=count, calls=options.calls, cross_calls=cross)
     result.load_average = os.getloadavg()[0]
     servers = spawn_replicas(stack, count, manager)

@@ -369,13 +369,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_mix_sends_one_call_in_k_through_the_next_replica() -> None:
-    assert [cross_replica(i, 0.25) for i in range(8)] == [False, False, False, True] * 2
-    assert not any(cross_replica(i, 0.0) for i in range(8))
+    assert [cross_replica(i, 0.25, 1) for i in range(8)] == [False, False, False, True] * 2
+    assert not any(cross_replica(i, 0.0, 3) for i in range(8))
+    for replicas in (1, 2, 3, 4, 8):
+        crossing = [i for i in range(48) if cross_replica(i, 0.25, replicas)]
+        assert len(crossing) == 12, replicas
+        assert {i % replicas for i in crossing} == set(range(replicas)), replicas
     targets = plan_targets(["a", "b", "c"], [f"t{i}" for i in range(8)], 0.25)
-    assert [t["url"] for t in targets] == ["a", "b", "c", "b", "b", "c", "a", "c"]
+    assert [t["url"] for t in targets] == ["a", "b", "c", "a", "b", "a", "a", "c"]
     hops = [t for t in targets if t["kind"] == "relay-hop"]
     assert [(t["first_url"], t["url"], t["token"]) for t in hops] == [
-        ("a", "b", "t3"),
+        ("c", "a", "t5"),
         ("b", "c", "t7"),
     ]
     alone = plan_targets(["a"], ["t0", "t1", "t2", "t3"], 0.25)
