@@ -616,7 +616,7 @@ def own_redis() -> Iterator[tuple[str, int]]:
             os.environ.pop("TEST_REDIS_URL", None)
         else:
             os.environ["TEST_REDIS_URL"] = previous
-        server.stop()
+        server.close()
 
 
 def run_benchmark(options: Options, logs: Path) -> list[Measurement]:

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,7 @@ class EmbeddedRedisServer:
 
     def __init__(self, directory: Path | None = None) -> None:
         # A unix socket path must stay under ~100 bytes: pytest's tmp_path is often longer.
+        self._own_directory = directory is None
         self.directory = directory or Path(tempfile.mkdtemp(prefix="vr-redis-"))
         self.socket_path = self.directory / "redis.sock"
         self.log_path = self.directory / "redis.log"
@@ -132,6 +134,12 @@ class EmbeddedRedisServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+    def close(self) -> None:
+        """Stop, and remove the directory if it was made here."""
+        self.stop()
+        if self._own_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def restart(self, down_seconds: float = 0.0) -> None:
         self.stop()
@@ -470,7 +478,7 @@ async def cluster(
     finally:
         if running is not None:
             running.stop_all()
-        redis_server.stop()
+        redis_server.close()
 
 
 # --- Audio -----------------------------------------------------------------------------------
