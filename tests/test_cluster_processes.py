@@ -1,11 +1,12 @@
 """Scale-out, proven with processes: three `voicerelay relay` replicas on one Redis behind a
 round-robin balancer with no affinity (tests/support/cluster.py).
 
-Every cluster test talks in turns to the emulator's echo agent (same audio format everywhere, so nothing
-is transcoded): each turn's echo must come back byte for byte, one ``audio`` event per 20 ms
-frame, and the emulator's own counters must match what the caller sent. The cluster is shared
-by the module; each test starts from three ready replicas in rotation, whatever the previous
-test killed or rolled.
+Every cluster test talks in turns to the emulator's echo agent (same audio format everywhere,
+so nothing is transcoded): each turn's echo must come back byte for byte, one ``audio`` event
+per 20 ms frame, and all the audio a caller heard over all its connections must be exactly its
+turns' echoes. The cluster is shared by the module; each test starts from three ready replicas
+in rotation, whatever the previous test killed or rolled. The module ends with the pure parts
+of `make bench-scale` and a tiny run of it.
 """
 
 from __future__ import annotations
