@@ -46,6 +46,7 @@ from loadtests.bench_stack import (
     bench_stack,
     relay_command,
 )
+from loadtests.report import markdown_table
 
 FLOOR = "floor"
 VOICERELAY = "voicerelay"
@@ -414,13 +415,7 @@ def table(measurements: list[Measurement]) -> str:
                 "—" if math.isnan(m.lost_fraction) else f"{m.lost_fraction:.2%}",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-        for row in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(rows)
 
 
 def round_trips(measurements: list[Measurement]) -> str:

@@ -52,6 +52,7 @@ from loadtests.bench_audio import percentile
 from loadtests.bench_callers import Caller, RelayCaller, _http_url
 from loadtests.bench_relay import RESULT_GRACE_SECONDS, RESULT_LINE_LIMIT, Generator, machine
 from loadtests.bench_stack import BenchStack, bench_stack, free_port
+from loadtests.report import markdown_table
 
 MANAGERS = ("targeted", "stock")
 # "local": python-socketio's in-process manager, no Redis routing or registry at all. Not a
@@ -507,13 +508,7 @@ def table(measurements: list[Measurement]) -> str:
                 "—" if math.isnan(m.rtt_p50_ms) else f"{m.rtt_p50_ms:.1f} ms",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-        for row in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(rows)
 
 
 def ratios(measurements: list[Measurement]) -> str:
