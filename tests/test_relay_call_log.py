@@ -264,6 +264,8 @@ async def test_outage_buffers_bounded_drops_oldest_and_flushes_when_back(
         async with running(producer):
             producer.emit(before[0])
             await until(lambda: _length(client, settings, 1))
+            # The stream shows the event a moment before the producer pops it from its buffer.
+            await until(lambda: producer.buffered == 0)
 
             await asyncio.to_thread(scratch_redis.stop)
             dropped_before = dropped("buffer_full")
