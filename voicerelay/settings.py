@@ -129,6 +129,15 @@ class Settings(BaseSettings):
     elevenlabs_api_url: str = "https://api.elevenlabs.io"
     elevenlabs_timeout_seconds: float = Field(default=10.0, gt=0)
     twilio_api_url: str = "https://api.twilio.com"
+    twilio_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # The <Stream url> the voice webhook hands Twilio; default: RELAY_PUBLIC_URL + /twilio/stream.
+    twilio_stream_url: str | None = None
+    # When the agent ends a phone call, also hang it up through Twilio's REST API.
+    twilio_hangup_on_agent_end: bool = True
+    # The agent's client tool that transfers a phone call to a number (<Dial>).
+    twilio_transfer_tool_name: str = Field(
+        default="transfer_to_number", min_length=1, max_length=100
+    )
 
     # --- Rate limits (GCRA in Redis) ----------------------------------------------------
     rate_limit_login_per_minute_per_ip: int = Field(default=20, ge=1)
@@ -165,6 +174,13 @@ class Settings(BaseSettings):
     relay_call_log_buffer_events: int = Field(default=10_000, ge=100)
     jwks_cache_seconds: float = Field(default=300.0, ge=1)
     control_api_timeout_seconds: float = Field(default=10.0, gt=0)
+    # --- Relay: phone calls (Twilio Media Streams at /twilio/stream) ---------------------
+    # Caller audio held while the agent is not ready yet, then delivered (oldest dropped beyond).
+    relay_phone_prebuffer_ms: int = Field(default=5000, ge=0, le=60_000)
+    # A Media Streams connection must send ``start`` within this long, or it is closed.
+    relay_twilio_start_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # Largest Media Streams message accepted (a text frame, base64 audio inside).
+    relay_twilio_max_message_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
     # --- Relay scale-out ----------------------------------------------------------------
     # Lease on a call's upstream bridge (the owner replica renews it every third of it).
     call_owner_lease_seconds: float = Field(default=5.0, ge=1.0, le=120.0)
@@ -174,6 +190,12 @@ class Settings(BaseSettings):
     # AsyncRedisManager (every emit to every replica), kept for benchmarks and comparison only.
     relay_client_manager: str = Field(default="targeted", pattern="^(targeted|stock|local)$")
 
+    # --- Error reporting (optional) -----------------------------------------------------
+    # Sentry is off unless a DSN is set.
+    sentry_dsn: SecretStr | None = None
+    sentry_environment: str | None = Field(default=None, max_length=100)
+    sentry_traces_sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+
     @field_validator(
         "database_url",
         "migration_database_url",
@@ -181,6 +203,9 @@ class Settings(BaseSettings):
         "signing_keys",
         "encryption_keys",
         "internal_service_token",
+        "sentry_dsn",
+        "twilio_stream_url",
+        "sentry_environment",
         mode="before",
     )
     @classmethod
@@ -207,6 +232,14 @@ class Settings(BaseSettings):
         AnyUrl(value)
         return value.rstrip("/")
 
+    @field_validator("twilio_stream_url")
+    @classmethod
+    def _optional_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        AnyUrl(value)
+        return value.rstrip("/")
+
     @model_validator(mode="after")
     def _check_keyrings(self) -> Settings:
         if self.signing_keys is not None:
@@ -218,6 +251,17 @@ class Settings(BaseSettings):
         return self
 
     # --- Derived helpers ----------------------------------------------------------------
+    def twilio_media_stream_url(self) -> str:
+        """Where Twilio opens the call's Media Streams WebSocket (no query string allowed)."""
+        if self.twilio_stream_url is not None:
+            return self.twilio_stream_url
+        base = self.relay_public_url
+        if base.startswith("https://"):
+            base = "wss://" + base[len("https://") :]
+        elif base.startswith("http://"):
+            base = "ws://" + base[len("http://") :]
+        return base + "/twilio/stream"
+
     def signing_keyring(self) -> list[tuple[str, bytes]]:
         if self.signing_keys is None:
             raise MissingSetting("SIGNING_KEYS")
