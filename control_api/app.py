@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from control_api import db
+from control_api import db, metrics
 from control_api.calllog.consumer import run_call_log_consumer
 from control_api.calllog.maintenance import run_call_log_maintenance
 from control_api.metrics import MetricsMiddleware
@@ -40,6 +40,7 @@ def create_app(settings: Settings) -> Starlette:
         signing = SigningKeyring(settings.signing_keyring())
         vault = Vault(settings.encryption_keyring()) if settings.encryption_keys else None
         pool = await db.create_pool(settings)
+        metrics.DB_POOL.track(pool)
         redis: Redis = Redis.from_url(settings.require("redis_url"), health_check_interval=30)
         http = httpx.AsyncClient(timeout=settings.elevenlabs_timeout_seconds)
         try:

@@ -9,8 +9,13 @@ label, as do unusual methods.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
-from prometheus_client import Counter, Gauge, Histogram
+import asyncpg
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 UNMATCHED_ROUTE = "<unmatched>"
@@ -76,3 +81,46 @@ class MetricsMiddleware:
             labels = (method_label(scope["method"]), route_label(scope), status_class(status))
             REQUESTS.labels(*labels).inc()
             LATENCY.labels(*labels).observe(time.perf_counter() - started)
+
+
+# --- dependencies -----------------------------------------------------------------------------
+DEPENDENCY_UP = Gauge(
+    "control_api_dependency_up",
+    "1 if the dependency answered the last /ready probe, 0 if not (postgres, redis).",
+    ["dependency"],
+)
+
+
+class PoolStats(Collector):
+    """``control_api_db_pool_connections{state}`` (idle, in_use) and ``control_api_db_pool_max``,
+    read from the process's asyncpg pools at scrape time. Absent while no pool is open."""
+
+    def __init__(self) -> None:
+        # asyncpg pools cannot be weakly referenced: closed ones are forgotten at the next scrape.
+        self._pools: list[asyncpg.Pool] = []
+
+    def track(self, pool: asyncpg.Pool) -> None:
+        self._pools.append(pool)
+
+    def collect(self) -> Iterable[Metric]:
+        self._pools = pools = [pool for pool in self._pools if not pool.is_closing()]
+        if not pools:
+            return
+        connections = GaugeMetricFamily(
+            "control_api_db_pool_connections",
+            "PostgreSQL connections the pool holds, by state (idle, in_use).",
+            labels=["state"],
+        )
+        idle = sum(pool.get_idle_size() for pool in pools)
+        connections.add_metric(["idle"], idle)
+        connections.add_metric(["in_use"], sum(pool.get_size() for pool in pools) - idle)
+        yield connections
+        yield GaugeMetricFamily(
+            "control_api_db_pool_max",
+            "Most connections the pool may open (DATABASE_POOL_MAX_SIZE).",
+            value=sum(pool.get_max_size() for pool in pools),
+        )
+
+
+DB_POOL = PoolStats()
+REGISTRY.register(DB_POOL)

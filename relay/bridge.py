@@ -221,6 +221,7 @@ class CallBridge:
         """Start the call; ``epoch`` is our ownership lease's (cluster only)."""
         self.epoch = epoch
         metrics.ACTIVE_CALLS.inc()
+        metrics.TENANT_ACTIVE_CALLS.started(self.tenant_id)
         if not self.takeover:
             self._log_event("connecting")
         name = f"call-{self.call_id}"
@@ -380,6 +381,7 @@ class CallBridge:
         # Usage is cumulative, so even a replica that lost the call may report what it carried.
         self._log_event("usage", **self.usage())
         metrics.ACTIVE_CALLS.dec()
+        metrics.TENANT_ACTIVE_CALLS.ended(self.tenant_id)
         sids = [s for s in (self.caller_sid, *self.monitor_sids) if s is not None]
         if quiet:
             # The new owner holds the tenant slot and the record now, and ends the call one day.
@@ -618,6 +620,8 @@ class CallBridge:
                 continue
             if item.audio and item.event == wire.EV_AUDIO:
                 self.frames_out += 1
+                if self.frames_out == 1:  # a successor owner continues the count: not observed
+                    metrics.FIRST_AGENT_AUDIO_SECONDS.observe(time.monotonic() - self.created_at)
                 self.bytes_out += len(item.data)
                 _FRAMES_OUT.inc()
                 _BYTES_OUT.inc(len(item.data))

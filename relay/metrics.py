@@ -1,12 +1,21 @@
 """Every Prometheus metric of the relay, in one place so names and labels stay consistent.
 
-Labels are small closed sets (direction, result, error code, limiter). Never a call id or a
-tenant id: one time series per call or tenant would grow the registry without bound.
+Labels are small closed sets (direction, result, error code, limiter). Never a call id, and a
+tenant id only in the scrape-time ``TenantCalls`` gauge, which names at most a bounded number of
+tenants that have a call right now: one series per call or per tenant ever seen would grow the
+registry without bound.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import weakref
+from collections.abc import Iterable
+from typing import Protocol
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # --- calls and audio --------------------------------------------------------------------------
 ACTIVE_CALLS = Gauge("voicerelay_relay_active_calls", "Calls this relay is carrying right now.")
@@ -103,3 +112,92 @@ CALL_LOG_APPEND_FAILURES = Counter(
     "voicerelay_relay_call_log_append_failures_total",
     "Attempts to append call-log events that failed because Redis was unreachable.",
 )
+
+# --- dashboards: time to first agent audio, calls per tenant, pub/sub health -----------------
+FIRST_AGENT_AUDIO_SECONDS = Histogram(
+    "voicerelay_relay_first_agent_audio_seconds",
+    "Time from a call's start on this relay to the first agent audio chunk sent to the caller.",
+    buckets=(0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
+)
+
+# Tenants listed by id in the calls-per-tenant gauge; the rest are summed under "other".
+TENANT_LABEL_LIMIT = 50
+OTHER_TENANTS = "other"
+
+
+class TenantCalls(Collector):
+    """``voicerelay_relay_tenant_active_calls{tenant}``: calls carried here, per tenant.
+
+    A plain labelled Gauge would keep one series per tenant ever seen. This one is computed at
+    scrape time from the tenants with a call right now, so a tenant's series disappears when its
+    last call ends, and at most ``TENANT_LABEL_LIMIT`` busiest tenants are named.
+    """
+
+    NAME = "voicerelay_relay_tenant_active_calls"
+
+    def __init__(self, limit: int = TENANT_LABEL_LIMIT) -> None:
+        self._limit = limit
+        self._calls: dict[str, int] = {}
+
+    def started(self, tenant_id: object) -> None:
+        key = str(tenant_id)
+        self._calls[key] = self._calls.get(key, 0) + 1
+
+    def ended(self, tenant_id: object) -> None:
+        key = str(tenant_id)
+        left = self._calls.get(key, 0) - 1
+        if left > 0:
+            self._calls[key] = left
+        else:
+            self._calls.pop(key, None)
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            self.NAME,
+            f"Calls this relay is carrying right now, per tenant (the {self._limit} busiest "
+            f"by id, the rest as {OTHER_TENANTS!r}).",
+            labels=["tenant"],
+        )
+        busiest = sorted(self._calls.items(), key=lambda item: item[1], reverse=True)
+        for tenant, calls in busiest[: self._limit]:
+            family.add_metric([tenant], calls)
+        rest = sum(calls for _, calls in busiest[self._limit :])
+        if rest:
+            family.add_metric([OTHER_TENANTS], rest)
+        yield family
+
+
+class Healthy(Protocol):
+    @property
+    def healthy(self) -> bool: ...
+
+
+class PubSubListenerUp(Collector):
+    """``voicerelay_relay_pubsub_listener_up``: 1 while every pub/sub listener of this process
+    is connected and subscribed, else 0. Absent on a lone replica (no pub/sub to be deaf to)."""
+
+    NAME = "voicerelay_relay_pubsub_listener_up"
+
+    def __init__(self) -> None:
+        self._listeners: weakref.WeakSet[Healthy] = weakref.WeakSet()
+
+    def track(self, listener: Healthy) -> None:
+        self._listeners.add(listener)
+
+    def forget(self, listener: Healthy) -> None:
+        self._listeners.discard(listener)
+
+    def collect(self) -> Iterable[Metric]:
+        listeners = list(self._listeners)
+        if listeners:
+            yield GaugeMetricFamily(
+                self.NAME,
+                "1 while this replica's Redis pub/sub listener is connected and subscribed.",
+                value=float(all(listener.healthy for listener in listeners)),
+            )
+
+
+TENANT_ACTIVE_CALLS = TenantCalls()
+PUBSUB_LISTENER_UP = PubSubListenerUp()
+REGISTRY.register(TENANT_ACTIVE_CALLS)
+REGISTRY.register(PUBSUB_LISTENER_UP)

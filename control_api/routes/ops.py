@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
 from control_api.endpoints import ApiCall, EndpointGroup
+from control_api.metrics import DEPENDENCY_UP
 
 group = EndpointGroup("operations")
 
@@ -36,6 +37,8 @@ async def ready(call: ApiCall[Any, Any]) -> Response:
         checks["redis"] = "ok"
     except Exception:
         checks["redis"] = "unreachable"
+    for dependency in ("postgres", "redis"):
+        DEPENDENCY_UP.labels(dependency).set(checks[dependency] == "ok")
     if state.draining:
         checks["draining"] = "true"
     ok = all(v == "ok" for k, v in checks.items() if k != "draining") and not state.draining

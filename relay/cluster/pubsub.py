@@ -40,6 +40,8 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from relay import metrics
+
 log = logging.getLogger(__name__)
 
 LISTENER_RESTARTS = Counter(
@@ -124,6 +126,7 @@ class PubSub:
         self._callbacks.append(callback)
 
     async def start(self) -> None:
+        metrics.PUBSUB_LISTENER_UP.track(self)
         if self._tasks:
             return
         no_retry = Retry(NoBackoff(), 0)  # we reconnect ourselves, and never re-send a batch
@@ -161,6 +164,7 @@ class PubSub:
     async def close(self, flush_timeout: float = 1.0) -> None:
         if self._closing:
             return
+        metrics.PUBSUB_LISTENER_UP.forget(self)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(flush_timeout):
                 await self.flush()
