@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 import phonenumbers
@@ -31,6 +31,8 @@ MAX_PHONE_NUMBERS = 20
 MAX_ALLOWED_ORIGINS = 20
 MAX_DYNAMIC_VARIABLES = 50
 MAX_DYNAMIC_VARIABLES_BYTES = 16 * 1024
+MAX_TRANSFER_NUMBERS = 20
+MAX_PHONE_DYNAMIC_VARIABLES = 20
 
 # ---------------------------------------------------------------------------------------------
 # Phone numbers
@@ -58,6 +60,11 @@ def _unique(values: list[str]) -> list[str]:
 E164Number = Annotated[str, AfterValidator(normalize_e164)]
 PhoneNumbers = Annotated[
     list[E164Number], Field(max_length=MAX_PHONE_NUMBERS), AfterValidator(_unique)
+]
+# The only numbers a phone call may be transferred to: an LLM asks for the transfer, so dialling
+# anything it names would let a caller talk it into premium-rate or international numbers.
+TransferNumbers = Annotated[
+    list[E164Number], Field(max_length=MAX_TRANSFER_NUMBERS), AfterValidator(_unique)
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +147,26 @@ DynamicVariables = Annotated[
     dict[VariableName, VariableValue],
     Field(max_length=MAX_DYNAMIC_VARIABLES),
     AfterValidator(_check_variables_size),
+]
+
+# Twilio voice-webhook parameters a phone call can hand the agent as dynamic variables.
+TwilioCallField = Literal[
+    "From",
+    "To",
+    "CallSid",
+    "CallerName",
+    "FromCity",
+    "FromState",
+    "FromCountry",
+    "FromZip",
+    "ToCity",
+    "ToState",
+    "ToCountry",
+    "ToZip",
+    "ForwardedFrom",
+]
+PhoneDynamicVariables = Annotated[
+    dict[VariableName, TwilioCallField], Field(max_length=MAX_PHONE_DYNAMIC_VARIABLES)
 ]
 
 # ---------------------------------------------------------------------------------------------

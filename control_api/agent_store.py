@@ -20,7 +20,8 @@ from control_api.db import Conn
 
 _COLUMNS = (
     "id, name, elevenlabs_agent_id, credential_id, input_audio_format, output_audio_format,"
-    " conversation_overrides, dynamic_variables, allowed_origins, created_at, updated_at"
+    " conversation_overrides, dynamic_variables, allowed_origins, transfer_numbers,"
+    " phone_dynamic_variables, created_at, updated_at"
 )
 # The only columns a caller may set; names are never taken from input.
 SETTABLE_COLUMNS = frozenset(
@@ -33,6 +34,8 @@ SETTABLE_COLUMNS = frozenset(
         "conversation_overrides",
         "dynamic_variables",
         "allowed_origins",
+        "transfer_numbers",
+        "phone_dynamic_variables",
     }
 )
 
@@ -59,6 +62,8 @@ class AgentRecord:
     dynamic_variables: dict[str, Any]
     allowed_origins: list[str]
     phone_numbers: list[str]
+    transfer_numbers: list[str]
+    phone_dynamic_variables: dict[str, str]
     created_at: datetime
     updated_at: datetime
 
@@ -75,6 +80,8 @@ def _record(row: asyncpg.Record, phone_numbers: list[str]) -> AgentRecord:
         dynamic_variables=dict(row["dynamic_variables"] or {}),
         allowed_origins=list(row["allowed_origins"] or []),
         phone_numbers=phone_numbers,
+        transfer_numbers=list(row["transfer_numbers"] or []),
+        phone_dynamic_variables=dict(row["phone_dynamic_variables"] or {}),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )

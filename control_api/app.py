@@ -59,9 +59,10 @@ def create_app(settings: Settings) -> Starlette:
             log.info("control API ready")
             yield
             state.draining = True
-            for task in state.tasks:
+            stopping = [*state.tasks, *state.background]
+            for task in stopping:
                 task.cancel()
-            for task in state.tasks:
+            for task in stopping:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         finally:

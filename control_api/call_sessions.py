@@ -34,6 +34,7 @@ from control_api.elevenlabs import (
     public_conversation_url,
 )
 from control_api.problems import Problem
+from control_api.telephony.prefetch import take_prefetched_url
 from voicerelay.call_token import CallTokenClaims
 
 if TYPE_CHECKING:
@@ -57,6 +58,15 @@ class ConversationInitiation(BaseModel):
     dynamic_variables: dict[str, Any]
 
 
+class Telephony(BaseModel):
+    provider: Literal["twilio"] = "twilio"
+    call_sid: str
+    account_sid: str
+
+
+Direction = Literal["browser", "phone_inbound", "phone_outbound"]
+
+
 class CallSession(BaseModel):
     call_id: uuid.UUID
     tenant_id: uuid.UUID
@@ -70,6 +80,9 @@ class CallSession(BaseModel):
     max_duration_seconds: int
     tenant_max_concurrent_calls: int
     conversation_ids: list[str]
+    direction: Direction = "browser"
+    # The phone leg's provider ids, which the relay checks against the stream's ``start``.
+    telephony: Telephony | None = None
 
 
 class UnknownCall(Exception):
@@ -78,7 +91,7 @@ class UnknownCall(Exception):
 
 _CALL_QUERY = """
     SELECT c.id, c.status, c.client_audio_format, c.dynamic_variables AS call_variables,
-           c.conversation_ids, a.id AS agent_id, a.elevenlabs_agent_id, a.credential_id,
+           c.conversation_ids, c.direction, c.metadata, a.id AS agent_id, a.elevenlabs_agent_id, a.credential_id,
            a.input_audio_format, a.output_audio_format, a.conversation_overrides,
            a.dynamic_variables AS agent_variables, a.allowed_origins,
            t.max_concurrent_calls
@@ -91,6 +104,7 @@ _CALL_QUERY = """
 
 async def build_call_session(state: AppState, claims: CallTokenClaims) -> CallSession:
     api_key: str | None = None
+    upstream: ConversationUrl | None = None
     async with tenant_tx(state.pool, claims.tenant_id) as conn:
         row = await conn.fetchrow(_CALL_QUERY, claims.call_id)
         if row is None:
@@ -100,9 +114,15 @@ async def build_call_session(state: AppState, claims: CallTokenClaims) -> CallSe
         if row["agent_id"] is None:
             raise Problem(409, "agent_unavailable", "The call's agent no longer exists.")
         if row["credential_id"] is not None:
-            api_key = await _elevenlabs_key(state, conn, claims.tenant_id, row["credential_id"])
+            if claims.role == "caller" and row["direction"] != "browser":
+                upstream = await take_prefetched_url(
+                    conn, state.require_vault(), claims.tenant_id, claims.call_id
+                )
+            if upstream is None:
+                api_key = await elevenlabs_key(state, conn, claims.tenant_id, row["credential_id"])
     # The network call happens after the transaction so no database connection waits on it.
-    upstream = await _upstream_url(state, row["elevenlabs_agent_id"], api_key, claims)
+    if upstream is None:
+        upstream = await _upstream_url(state, row["elevenlabs_agent_id"], api_key, claims)
     return CallSession(
         call_id=row["id"],
         tenant_id=claims.tenant_id,
@@ -129,10 +149,22 @@ async def build_call_session(state: AppState, claims: CallTokenClaims) -> CallSe
         max_duration_seconds=state.settings.max_call_duration_seconds,
         tenant_max_concurrent_calls=row["max_concurrent_calls"],
         conversation_ids=list(row["conversation_ids"]),
+        direction=row["direction"],
+        telephony=_telephony(row["direction"], row["metadata"]),
     )
 
 
-async def _elevenlabs_key(
+def _telephony(direction: str, metadata: dict[str, Any] | None) -> Telephony | None:
+    twilio = (metadata or {}).get("twilio") if direction != "browser" else None
+    if not isinstance(twilio, dict):
+        return None
+    call_sid, account_sid = twilio.get("call_sid"), twilio.get("account_sid")
+    if not isinstance(call_sid, str) or not isinstance(account_sid, str):
+        return None
+    return Telephony(call_sid=call_sid, account_sid=account_sid)
+
+
+async def elevenlabs_key(
     state: AppState, conn: Conn, tenant_id: uuid.UUID, credential_id: uuid.UUID
 ) -> str:
     vault = state.require_vault()

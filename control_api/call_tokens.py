@@ -45,17 +45,21 @@ def issue_call_token(
     tenant_id: uuid.UUID,
     role: CallRole,
     now: float | None = None,
+    compact: bool = False,
 ) -> IssuedCallToken:
+    """``compact`` writes the ids as 32 hex digits and a 64-bit jti: the same claims, verified the
+    same way, about 30 characters shorter, so that a phone call's token fits in a Twilio
+    ``<Parameter>`` (name + value under 500 characters)."""
     iat = int(time.time() if now is None else now)
     exp = iat + settings.max_call_duration_seconds + EXPIRY_GRACE_SECONDS
     cnb = min(iat + settings.call_token_connect_window_seconds, exp)
-    jti = secrets.token_urlsafe(16)
+    jti = secrets.token_urlsafe(8 if compact else 16)
     token = signing.sign(
         {
             "iss": settings.jwt_issuer,
             "aud": settings.relay_token_audience,
-            "sub": str(call_id),
-            "tid": str(tenant_id),
+            "sub": call_id.hex if compact else str(call_id),
+            "tid": tenant_id.hex if compact else str(tenant_id),
             "role": role,
             "jti": jti,
             "iat": iat,

@@ -83,6 +83,10 @@ class Endpoint:
     errors: list[int] = field(default_factory=list)
     include_in_schema: bool = True
     body_media_type: str = "application/json"
+    # The handler reads the request itself (webhooks whose signature covers every parameter);
+    # ``body`` and ``query`` then only document it.
+    raw_request: bool = False
+    response_media_type: str = "application/json"
 
     def route(self) -> Route:
         return Route(self.path, self._asgi, methods=[self.method], name=self.handler.__name__)
@@ -96,8 +100,10 @@ class Endpoint:
                 raise Problem(403, "forbidden", f"This action needs the {self.role} role.")
             await state.limit_principal(principal)
         path = _parse_path_params(request.path_params)
-        body = await self._parse_body(request)
-        query = self._parse_query(request)
+        body = query = None
+        if not self.raw_request:
+            body = await self._parse_body(request)
+            query = self._parse_query(request)
         result = await self.handler(ApiCall(request, state, principal, body, query, path))
         if isinstance(result, Response):
             return result
@@ -271,6 +277,8 @@ class EndpointGroup:
         errors: list[int] | None = None,
         include_in_schema: bool = True,
         body_media_type: str = "application/json",
+        raw_request: bool = False,
+        response_media_type: str = "application/json",
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.endpoints.append(
@@ -289,6 +297,8 @@ class EndpointGroup:
                     errors=errors or [],
                     include_in_schema=include_in_schema,
                     body_media_type=body_media_type,
+                    raw_request=raw_request,
+                    response_media_type=response_media_type,
                 )
             )
             return handler

@@ -75,7 +75,11 @@ def build_openapi(
             op["requestBody"] = {"required": True, "content": {e.body_media_type: {"schema": ref}}}
         ok: dict[str, Any] = {"description": "OK"}
         if e.response is not None:
-            ok["content"] = {"application/json": {"schema": keyed[(e.response, "serialization")]}}
+            ok["content"] = {
+                e.response_media_type: {"schema": keyed[(e.response, "serialization")]}
+            }
+        elif e.response_media_type != "application/json":
+            ok["content"] = {e.response_media_type: {"schema": {"type": "string"}}}
         op["responses"][str(e.status)] = ok
         problem = {
             "description": "Problem",

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import httpx
@@ -28,7 +29,16 @@ class AppState:
     vault: Vault | None
     http: httpx.AsyncClient
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Short jobs a request started and does not wait for; cancelled at shutdown.
+    background: set[asyncio.Task[None]] = field(default_factory=set)
     draining: bool = False
+
+    def spawn(self, job: Coroutine[Any, Any, None], *, name: str) -> None:
+        """Run ``job`` after the response; it must handle its own errors."""
+        task = asyncio.create_task(job, name=name)
+        # The event loop keeps only weak references to tasks.
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def authenticate(self, request: Request) -> Principal:
         from control_api.security.authenticate import authenticate_request

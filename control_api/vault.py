@@ -77,30 +77,40 @@ class Vault:
     def encrypt(
         self, plaintext: bytes, *, tenant_id: uuid.UUID, credential_id: uuid.UUID, provider: str
     ) -> Sealed:
-        nonce = os.urandom(NONCE_BYTES)
-        aad = associated_data(tenant_id, credential_id, provider)
-        ciphertext = self._ciphers[self._active].encrypt(nonce, plaintext, aad)
-        return Sealed(key_id=self._active, nonce=nonce, ciphertext=ciphertext)
+        return self.seal(plaintext, associated_data(tenant_id, credential_id, provider))
 
     def decrypt(
         self, sealed: Sealed, *, tenant_id: uuid.UUID, credential_id: uuid.UUID, provider: str
     ) -> bytes:
+        return self.open(
+            sealed,
+            associated_data(tenant_id, credential_id, provider),
+            what=f"credential {credential_id}",
+            bound_to="tenant, credential and provider",
+        )
+
+    def seal(self, plaintext: bytes, aad: bytes) -> Sealed:
+        """Encrypt under the active key, bound to ``aad`` (which must identify the row)."""
+        nonce = os.urandom(NONCE_BYTES)
+        ciphertext = self._ciphers[self._active].encrypt(nonce, plaintext, aad)
+        return Sealed(key_id=self._active, nonce=nonce, ciphertext=ciphertext)
+
+    def open(self, sealed: Sealed, aad: bytes, *, what: str, bound_to: str) -> bytes:
+        """Decrypt what ``seal`` sealed with the same ``aad``; ``what`` names it in errors."""
         cipher = self._ciphers.get(sealed.key_id)
         if cipher is None:
             raise UnknownKeyId(
-                f"credential {credential_id} is encrypted under key id {sealed.key_id!r}, "
+                f"{what} is encrypted under key id {sealed.key_id!r}, "
                 "which is not in ENCRYPTION_KEYS"
             )
         if len(sealed.nonce) != NONCE_BYTES:
-            raise DecryptionFailed(f"credential {credential_id} has a malformed nonce")
+            raise DecryptionFailed(f"{what} has a malformed nonce")
         try:
-            return cipher.decrypt(
-                sealed.nonce, sealed.ciphertext, associated_data(tenant_id, credential_id, provider)
-            )
+            return cipher.decrypt(sealed.nonce, sealed.ciphertext, aad)
         except InvalidTag:
             raise DecryptionFailed(
-                f"credential {credential_id} failed authentication: the ciphertext was altered "
-                "or does not belong to this tenant, credential and provider"
+                f"{what} failed authentication: the ciphertext was altered "
+                f"or does not belong to this {bound_to}"
             ) from None
 
     def needs_rewrap(self, sealed: Sealed) -> bool:

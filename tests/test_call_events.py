@@ -42,6 +42,13 @@ SAMPLE_DATA: dict[str, dict[str, object]] = {
     "ended": {"reason": "caller_hangup", "code": 1000, "ended_by": "caller", "duration_ms": 5123},
     "status": {"status": "failed", "detail": "upstream refused"},
     "error": {"code": "upstream_unavailable", "message": "connect timeout"},
+    "telephony": {
+        "provider": "twilio",
+        "call_status": "completed",
+        "call_sid": "CA" + "0" * 32,
+        "duration_seconds": 42,
+        "sequence": 3,
+    },
 }
 
 

@@ -248,6 +248,8 @@ async def test_public_agent_session(
         "max_duration_seconds": settings.max_call_duration_seconds,
         "tenant_max_concurrent_calls": 10,
         "conversation_ids": [],
+        "direction": "browser",
+        "telephony": None,
     }
 
     monitor = await relay_api.post(

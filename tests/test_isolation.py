@@ -670,6 +670,7 @@ _DEFINER_FUNCTIONS = {
     "auth_refresh_token_tenant": [],
     "phone_number_route": ["tenant_id", "agent_id"],
     "phone_number_taken": [],
+    "twilio_call_route": ["tenant_id", "call_id"],
     "call_log_retention_policies": ["tenant_id", "retention_days"],
     "ensure_call_log_partitions": [],
     "drop_call_log_partitions_before": [],
@@ -720,6 +721,9 @@ async def test_security_definer_lookups_return_only_what_they_must(
         (victim.tenant.tenant_id, victim.agent_id)
     ]
     assert await app_conn.fetch("SELECT * FROM phone_number_route('%')") == []
+    # Only phone calls, by exact CallSid: a browser call or a pattern finds nothing.
+    for probe in ("%", "", "CA%"):
+        assert await app_conn.fetch("SELECT * FROM twilio_call_route($1)", probe) == []
     await _cannot_drop_retained_call_logs(app_conn)
     for months in (0, 121):
         with pytest.raises(asyncpg.RaiseError, match="p_months"):

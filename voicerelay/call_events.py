@@ -20,6 +20,9 @@ Semantics the consumer relies on:
   producer that takes a call over from another must continue from the last reported totals.
 - ``ended`` is the single terminal event; ``failed: true`` marks calls that ended because
   something broke (rather than a normal hang-up by either side).
+- ``telephony`` records what the phone network said (Twilio's status callback, appended by the
+  control API): it is kept in the log but changes no call field, because the relay's own events
+  know better who ended the call and why.
 """
 
 from __future__ import annotations
@@ -118,6 +121,17 @@ class ErrorData(_Data):
     message: str | None = Field(default=None, max_length=1000)
 
 
+class TelephonyData(_Data):
+    """What the phone network reported about the call (e.g. Twilio's status callback)."""
+
+    provider: Literal["twilio"]
+    call_status: str = Field(pattern=r"^[a-z][a-z-]{0,39}$")
+    call_sid: str = Field(min_length=1, max_length=64)
+    duration_seconds: int | None = Field(default=None, ge=0)
+    # The provider's own ordering of its callbacks for the call, when it sends one.
+    sequence: int | None = Field(default=None, ge=0)
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -173,6 +187,11 @@ class ErrorEvent(_Event):
     data: ErrorData
 
 
+class TelephonyEvent(_Event):
+    type: Literal["telephony"] = "telephony"
+    data: TelephonyData
+
+
 CallEvent = Annotated[
     CreatedEvent
     | ConnectingEvent
@@ -182,7 +201,8 @@ CallEvent = Annotated[
     | UsageEvent
     | EndedEvent
     | StatusEvent
-    | ErrorEvent,
+    | ErrorEvent
+    | TelephonyEvent,
     Field(discriminator="type"),
 ]
 EVENT_TYPES: tuple[str, ...] = (
@@ -195,6 +215,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "ended",
     "status",
     "error",
+    "telephony",
 )
 _ADAPTER: TypeAdapter[CallEvent] = TypeAdapter(CallEvent)
 _FIELDS = ("event_id", "tenant_id", "call_id", "type", "occurred_at", "seq", "data")

@@ -13,7 +13,9 @@ from control_api.routes import (
     internal,
     jwks,
     ops,
+    phone_control,
     tenant,
+    twilio,
     usage,
     users,
 )
@@ -30,7 +32,9 @@ GROUPS: list[EndpointGroup] = [
     calls.group,
     call_logs.group,
     usage.group,
+    twilio.group,
     internal.group,
+    phone_control.group,
 ]
 
 

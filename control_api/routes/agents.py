@@ -13,7 +13,9 @@ from control_api.agent_settings import (
     AllowedOrigins,
     ConversationOverrides,
     DynamicVariables,
+    PhoneDynamicVariables,
     PhoneNumbers,
+    TransferNumbers,
 )
 from control_api.audio_formats import DEFAULT_AUDIO_FORMAT, AudioFormat
 from control_api.db import tenant_tx
@@ -30,6 +32,15 @@ ElevenLabsAgentId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,200}$")]
 
 _CREDENTIAL_DOC = (
     "An `elevenlabs` credential of this tenant, for private agents; null for public agents."
+)
+_TRANSFER_DOC = (
+    "E.164 numbers a phone call may be transferred to when the agent asks for a transfer; "
+    "any other number is refused (an LLM must never dial numbers of a caller's choosing)."
+)
+_PHONE_VARIABLES_DOC = (
+    "For phone calls: dynamic-variable name -> the Twilio webhook parameter whose value it "
+    'takes (e.g. {"caller_number": "From", "caller_city": "FromCity"}). A parameter '
+    "Twilio did not send leaves its variable to the agent's default."
 )
 _ORIGINS_DOC = (
     "Browser origins (scheme://host[:port]) whose pages may connect with this agent's call "
@@ -49,6 +60,10 @@ class AgentCreate(ApiModel):
     conversation_overrides: ConversationOverrides = Field(default_factory=ConversationOverrides)
     dynamic_variables: DynamicVariables = Field(default_factory=dict)
     allowed_origins: AllowedOrigins = Field(default_factory=list, description=_ORIGINS_DOC)
+    transfer_numbers: TransferNumbers = Field(default_factory=list, description=_TRANSFER_DOC)
+    phone_dynamic_variables: PhoneDynamicVariables = Field(
+        default_factory=dict, description=_PHONE_VARIABLES_DOC
+    )
 
 
 class AgentPatch(ApiModel):
@@ -63,6 +78,10 @@ class AgentPatch(ApiModel):
     conversation_overrides: ConversationOverrides | None = None
     dynamic_variables: DynamicVariables | None = None
     allowed_origins: AllowedOrigins | None = Field(default=None, description=_ORIGINS_DOC)
+    transfer_numbers: TransferNumbers | None = Field(default=None, description=_TRANSFER_DOC)
+    phone_dynamic_variables: PhoneDynamicVariables | None = Field(
+        default=None, description=_PHONE_VARIABLES_DOC
+    )
 
     @model_validator(mode="after")
     def _null_only_where_meaningful(self) -> AgentPatch:
@@ -83,6 +102,8 @@ class Agent(BaseModel):
     conversation_overrides: dict[str, Any]
     dynamic_variables: dict[str, Any]
     allowed_origins: list[str]
+    transfer_numbers: list[str]
+    phone_dynamic_variables: dict[str, str]
     created_at: datetime
     updated_at: datetime
 
@@ -104,6 +125,8 @@ def _out(record: store.AgentRecord) -> Agent:
         conversation_overrides=record.conversation_overrides,
         dynamic_variables=record.dynamic_variables,
         allowed_origins=record.allowed_origins,
+        transfer_numbers=record.transfer_numbers,
+        phone_dynamic_variables=record.phone_dynamic_variables,
         created_at=record.created_at,
         updated_at=record.updated_at,
     )

@@ -8,7 +8,7 @@ control API for a call's session instead of reading it from Redis.
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field, ValidationError
 
@@ -16,7 +16,7 @@ from control_api.call_sessions import CallSession, UnknownCall, build_call_sessi
 from control_api.call_tokens import verify_issued_call_token
 from control_api.endpoints import ApiCall, ApiModel, EndpointGroup
 from control_api.problems import Problem, validation_errors
-from voicerelay.call_token import MAX_TOKEN_LENGTH, CallTokenError
+from voicerelay.call_token import MAX_TOKEN_LENGTH, CallTokenClaims, CallTokenError
 from voicerelay.logs import call_id_var, tenant_id_var
 
 group = EndpointGroup("internal")
@@ -28,7 +28,10 @@ class CallSessionRequest(ApiModel):
     token: str = Field(min_length=1, max_length=MAX_TOKEN_LENGTH)
 
 
-def _require_service(call: ApiCall[Any, Any]) -> None:
+M = TypeVar("M", bound=ApiModel)
+
+
+def require_service(call: ApiCall[Any, Any]) -> None:
     expected = call.state.settings.internal_service_token
     header = call.request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
@@ -43,9 +46,11 @@ def _require_service(call: ApiCall[Any, Any]) -> None:
         )
 
 
-async def _parse(call: ApiCall[Any, Any]) -> CallSessionRequest:
+async def parse_service_body(call: ApiCall[Any, Any], model: type[M]) -> M:
+    """The body, parsed only after ``require_service``: an unauthenticated caller learns nothing
+    about what an internal endpoint expects."""
     try:
-        return CallSessionRequest.model_validate_json(await call.request.body())
+        return model.model_validate_json(await call.request.body())
     except ValidationError as exc:
         raise Problem(
             422,
@@ -65,18 +70,23 @@ async def _parse(call: ApiCall[Any, Any]) -> CallSessionRequest:
     errors=[401, 409, 502, 504],
 )
 async def call_session(call: ApiCall[Any, Any]) -> CallSession:
-    # The body is parsed here, after the service check, so an unauthenticated caller learns
-    # nothing about what this endpoint expects.
-    _require_service(call)
-    body = await _parse(call)
+    require_service(call)
+    body = await parse_service_body(call, CallSessionRequest)
     state = call.state
-    try:
-        claims = verify_issued_call_token(state.signing, state.settings, body.token)
-    except CallTokenError as exc:
-        raise Problem(401, "invalid_call_token", f"The call token is invalid: {exc}.") from None
-    tenant_id_var.set(str(claims.tenant_id))
-    call_id_var.set(str(claims.call_id))
+    claims = verify_presented_token(call, body.token)
     try:
         return await build_call_session(state, claims)
     except UnknownCall:
         raise Problem(401, "invalid_call_token", "The call token names no known call.") from None
+
+
+def verify_presented_token(call: ApiCall[Any, Any], token: str) -> CallTokenClaims:
+    """The relay's caller's call token, verified as the relay did; sets the log context."""
+    state = call.state
+    try:
+        claims = verify_issued_call_token(state.signing, state.settings, token)
+    except CallTokenError as exc:
+        raise Problem(401, "invalid_call_token", f"The call token is invalid: {exc}.") from None
+    tenant_id_var.set(str(claims.tenant_id))
+    call_id_var.set(str(claims.call_id))
+    return claims
