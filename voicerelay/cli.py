@@ -45,9 +45,11 @@ def main() -> None:
 @click.option("--port", type=int, default=None, help="Port to bind (default: API_PORT).")
 def api(host: str | None, port: int | None) -> None:
     """Serve the control API (tenants, keys, credentials, agents, call tokens, call logs)."""
+    from voicerelay.observability import init_sentry
     from voicerelay.serving import serve_api
 
     settings = _settings()
+    init_sentry(settings, service="api")
     _run(
         serve_api(
             settings, host or settings.api_host, port if port is not None else settings.api_port
@@ -64,9 +66,11 @@ def relay(host: str | None, port: int | None) -> None:
     On SIGTERM it drains: /ready fails and new calls are refused, active calls continue for up
     to DRAIN_DEADLINE_SECONDS and are then ended with reason "shutdown"; it exits when none remain.
     """
+    from voicerelay.observability import init_sentry
     from voicerelay.serving import serve_relay
 
     settings = _settings()
+    init_sentry(settings, service="relay")
     _run(
         serve_relay(
             settings,
