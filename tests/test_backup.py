@@ -37,9 +37,11 @@ from voicerelay.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _cli(*args: str, migration_url: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, migration_url: str | None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
-    env.update(ENVIRONMENT="development", MIGRATION_DATABASE_URL=migration_url, LOG_FORMAT="text")
+    env.update(ENVIRONMENT="development", LOG_FORMAT="text")
+    if migration_url is not None:
+        env["MIGRATION_DATABASE_URL"] = migration_url
     return subprocess.run(
         [sys.executable, "-m", "voicerelay", *args],
         cwd=ROOT,
@@ -187,17 +189,7 @@ async def test_backup_refuses_a_role_under_row_level_security(
 
 
 def test_backup_without_migration_url_is_a_clear_error(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
-    env["ENVIRONMENT"] = "development"
-    done = subprocess.run(
-        [sys.executable, "-m", "voicerelay", "backup", "--output", str(tmp_path / "x.dump")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _cli("backup", "--output", str(tmp_path / "x.dump"), migration_url=None)
     assert done.returncode != 0
     assert "MIGRATION_DATABASE_URL" in done.stderr
 
