@@ -63,5 +63,12 @@ bench: install
 bench-scale: install
 	$(VENV)/bin/python -m loadtests.bench_scale $(BENCH_ARGS)
 
+# Locust, headless and bounded (6 users for 60 s, then running calls finish), against the stack
+# `make run` is running, or one it starts on loopback and stops afterwards; CSV and HTML report in
+# .voicerelay/loadtest/ (about 2 minutes; not a test). Real deployments: loadtests/README.md.
+# Extra flags: make loadtest LOADTEST_ARGS="--users 20 --run-time 5m".
+loadtest: install
+	$(VENV)/bin/python -m loadtests.run_local $(LOADTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) .uv .pytest_cache .mypy_cache .ruff_cache
