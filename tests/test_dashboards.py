@@ -445,7 +445,13 @@ async def test_every_query_reads_metrics_and_labels_of_a_live_scrape(
             ended = await client.wait_for("call.ended", timeout=30)
             assert ended["reason"] == "upstream_unavailable"
 
-        relay = await _scrape(scraper, stack.relay_url)
+        # The relay counts a failed call's error just after sending call.ended.
+        async with asyncio.timeout(15):
+            while (
+                "voicerelay_relay_errors_total"
+                not in (relay := await _scrape(scraper, stack.relay_url)).sampled
+            ):
+                await asyncio.sleep(0.05)
         control = await _scrape(scraper, stack.api_url)
 
     tenant_calls = "voicerelay_relay_tenant_active_calls"
