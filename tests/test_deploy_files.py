@@ -12,6 +12,7 @@ the test Postgres and Redis, until SIGTERM ends them with status 0.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ from tests.support.dockerfile import (
     parse_dockerfile,
     run_step,
 )
+from tests.support.nginx_conf import Directive, parse_nginx
 from tests.support.ports import subprocess_port
 from voicerelay.settings import Settings
 
@@ -478,3 +480,220 @@ def test_images_migrate_serve_health_and_stop_on_sigterm(
 
         stop(api_process)
     assert healthcheck(api, api_env) == 1
+
+
+# --- compose, nginx, Prometheus --------------------------------------------------------------
+
+CONFIG = REPO / "config"
+COMPOSE = CONFIG / "compose.yaml"
+SETTINGS = {name.upper() for name in Settings.model_fields}
+# Compose-only variables (not voicerelay settings): the database roles' and Grafana's passwords.
+COMPOSE_ONLY_VARIABLES = {"POSTGRES_PASSWORD", "VOICERELAY_DB_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
+VOICERELAY_SERVICES = {"migrate", "api", "relay"}
+INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}")
+AFFINITY_DIRECTIVES = {"ip_hash", "hash", "sticky", "sticky_cookie_insert", "least_conn", "random"}
+
+
+def compose() -> dict:
+    loaded = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def compose_services() -> dict[str, dict]:
+    return compose()["services"]
+
+
+def duration_seconds(value: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1}
+    total, number = 0.0, ""
+    for char in value:
+        if char.isdigit():
+            number += char
+        else:
+            total += int(number) * units[char]
+            number = ""
+    return total + (int(number) if number else 0)
+
+
+def nginx() -> Directive:
+    return parse_nginx((CONFIG / "nginx" / "nginx.conf").read_text())
+
+
+def test_compose_runs_the_whole_stack() -> None:
+    services = compose_services()
+    assert set(services) == {
+        "postgres",
+        "redis",
+        "migrate",
+        "api",
+        "relay",
+        "nginx",
+        "prometheus",
+        "grafana",
+    }
+    relay = services["relay"]
+    assert relay["deploy"]["replicas"] == 3
+    # Replicas must name themselves apart: the default RELAY_ID is hostname-pid per container.
+    assert "RELAY_ID" not in relay["environment"]
+    assert relay["build"]["dockerfile"] == "Dockerfile.relay"
+    migrate, api = services["migrate"], services["api"]
+    assert migrate["command"] == ["migrate"]
+    assert migrate["restart"] == "no"
+    assert migrate["build"] == api["build"]
+    assert api["build"]["dockerfile"] == "Dockerfile.api"
+    assert migrate["image"] == api["image"]
+
+
+def test_compose_starts_in_order_on_health() -> None:
+    services = compose_services()
+    images_with_healthcheck = {"api", "relay"}  # their Dockerfiles' HEALTHCHECK
+    assert services["api"]["depends_on"]["migrate"] == {
+        "condition": "service_completed_successfully"
+    }
+    for name, service in services.items():
+        depends = service.get("depends_on", {})
+        for target, rule in depends.items() if isinstance(depends, dict) else []:
+            if rule["condition"] == "service_healthy":
+                assert "healthcheck" in services[target] or target in images_with_healthcheck, (
+                    f"{name} waits for {target} to be healthy, which has no health check"
+                )
+    for name in ("migrate", "api", "relay", "nginx"):
+        assert services[name].get("depends_on"), name
+
+
+def test_compose_relays_get_longer_than_their_drain_to_stop() -> None:
+    relay = compose_services()["relay"]
+    drain = float(relay["environment"]["DRAIN_DEADLINE_SECONDS"])
+    assert duration_seconds(relay["stop_grace_period"]) > drain
+
+
+def test_compose_environment_names_only_settings() -> None:
+    services = compose_services()
+    for name in VOICERELAY_SERVICES:
+        unknown = set(services[name]["environment"]) - SETTINGS
+        assert not unknown, f"{name}: not settings of voicerelay/settings.py: {unknown}"
+    text = COMPOSE.read_text().replace("$$", "")
+    for variable, _ in INTERPOLATION.findall(text):
+        assert variable in SETTINGS | COMPOSE_ONLY_VARIABLES, variable
+
+
+def test_compose_commits_no_secret() -> None:
+    text = COMPOSE.read_text().replace("$$", "")
+    required = {v for v, rule in INTERPOLATION.findall(text) if rule.startswith(":?")}
+    secrets = {v for v in SETTINGS | COMPOSE_ONLY_VARIABLES if SECRET_NAME.search(v)}
+    for service in compose_services().values():
+        environment = service.get("environment", {})
+        for key, value in environment.items():
+            value = str(value)
+            if SECRET_NAME.search(key):
+                assert value.startswith("${") or key.endswith("_URL"), f"{key} is committed"
+            for password in re.findall(r"://[^:/@\s]+:([^@\s]+)@", value):
+                assert INTERPOLATION.fullmatch(password), f"{key} embeds a literal password"
+    # Every secret the stack uses must be supplied, never defaulted (${X:-...}).
+    used = {v for v, _ in INTERPOLATION.findall(text)}
+    assert (used & secrets) - {"SENTRY_DSN"} <= required
+
+
+def test_compose_images_are_pinned() -> None:
+    for name, service in compose_services().items():
+        image = service["image"]
+        tag = image.rpartition(":")[2] if ":" in image else ""
+        assert tag, f"{name}: {image} has no tag"
+        assert tag not in {"latest", "stable", "mainline"}, f"{name}: {image}"
+
+
+def test_compose_mounts_exist_and_wire_monitoring() -> None:
+    services = compose_services()
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (CONFIG / source).exists(), f"{name} mounts missing {source}"
+    prometheus = services["prometheus"]
+    assert "./prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    grafana = services["grafana"]["volumes"]
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in grafana
+    assert "./grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana
+    assert "./nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in services["nginx"]["volumes"]
+
+
+def test_compose_trusts_forwarded_headers_from_nginx_only() -> None:
+    document = compose()
+    nginx_address = document["services"]["nginx"]["networks"]["voicerelay"]["ipv4_address"]
+    subnet = document["networks"]["voicerelay"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address(nginx_address) in ipaddress.ip_network(subnet)
+    for name in ("api", "relay"):
+        environment = document["services"][name]["environment"]
+        assert environment["TRUSTED_PROXIES"] == nginx_address
+
+
+def test_nginx_balances_round_robin_without_affinity() -> None:
+    config = nginx()
+    for directive in config.walk():
+        assert directive.name not in AFFINITY_DIRECTIVES, f"{directive.name}: affinity"
+    http = config.one("http")
+    upstreams = {u.args[0]: u for u in http.find("upstream")}
+    relay_servers = [s.args[0] for s in upstreams["relays"].find("server")]
+    assert relay_servers == ["relay:8090"]  # every replica of the compose service
+    assert "resolve" in upstreams["relays"].one("server").args
+
+
+def relay_location(config: Directive) -> Directive:
+    server = config.one("http").one("server")
+    matching = [
+        loc
+        for loc in server.find("location")
+        if loc.find("proxy_pass") and loc.one("proxy_pass").args == ["http://relays"]
+    ]
+    assert len(matching) == 1, "one location proxies to the relays"
+    return matching[0]
+
+
+def test_nginx_routes_relay_paths_and_the_api() -> None:
+    config = nginx()
+    location = relay_location(config)
+    assert location.args[0] == "~"
+    pattern = re.compile(location.args[1])
+    for path in ("/socket.io/", "/socket.io/?EIO=4&transport=websocket", "/twilio/stream"):
+        assert pattern.search(path.split("?")[0]), path
+    for path in ("/v1/calls", "/twilio/streamx", "/health", "/v1/twilio/voice"):
+        assert not pattern.search(path), path
+    server = config.one("http").one("server")
+    api = [loc for loc in server.find("location") if loc.args == ["/"]]
+    assert api[0].one("proxy_pass").args == ["http://control_api"]
+    metrics = [loc for loc in server.find("location") if loc.args == ["=", "/metrics"]]
+    assert metrics[0].one("return").args == ["404"], "metrics are not for the outside"
+
+
+def test_nginx_upgrades_websockets_with_call_length_timeouts() -> None:
+    config = nginx()
+    http = config.one("http")
+    maps = [m for m in http.find("map") if m.args == ["$http_upgrade", "$connection_upgrade"]]
+    assert maps, "map $http_upgrade $connection_upgrade is missing"
+    location = relay_location(config)
+    headers = {h.args[0]: h.args[1] for h in location.find("proxy_set_header")}
+    assert headers["Upgrade"] == "$http_upgrade"
+    assert headers["Connection"] == "$connection_upgrade"
+    assert headers["X-Forwarded-For"] == "$proxy_add_x_forwarded_for"
+    assert location.one("proxy_http_version").args == ["1.1"]
+    max_call = float(compose()["x-settings"]["MAX_CALL_DURATION_SECONDS"])
+    for timeout in ("proxy_read_timeout", "proxy_send_timeout"):
+        assert duration_seconds(location.one(timeout).args[0]) > max_call, timeout
+    assert location.one("proxy_buffering").args == ["off"]
+
+
+def test_prometheus_scrapes_relays_and_api_with_the_alert_rules() -> None:
+    folder = CONFIG / "prometheus"
+    config = yaml.safe_load((folder / "prometheus.yml").read_text())
+    for rules in config["rule_files"]:
+        assert (folder / rules).is_file(), f"rule file {rules} is missing"
+    assert "alerts.yml" in config["rule_files"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"relay", "control-api"}  # the names alerts.yml and the dashboard use
+    relay = jobs["relay"]["dns_sd_configs"][0]
+    assert relay["names"] == ["relay"]
+    assert relay["port"] == 8090
+    assert jobs["control-api"]["static_configs"][0]["targets"] == ["api:8080"]
+    services = compose_services()
+    assert {"relay", "api"} <= set(services)
