@@ -373,6 +373,8 @@ class Scrape:
     labels: dict[str, set[str]] = field(default_factory=dict)
     # Series names with at least one sample (a labelled metric never touched has none).
     sampled: set[str] = field(default_factory=set)
+    # Series name -> the sum of its samples' values.
+    totals: dict[str, float] = field(default_factory=dict)
 
     def __contains__(self, name: str) -> bool:
         return name in self.labels
@@ -390,6 +392,7 @@ def _parse(text: str) -> Scrape:
         for sample in family.samples:
             scrape.labels.setdefault(sample.name, set()).update(sample.labels)
             scrape.sampled.add(sample.name)
+            scrape.totals[sample.name] = scrape.totals.get(sample.name, 0.0) + sample.value
     return scrape
 
 
@@ -484,3 +487,10 @@ async def test_every_query_reads_metrics_and_labels_of_a_live_scrape(
             if missing:
                 problems.append(f"{where}: {metric} has no label(s) {sorted(missing)}")
     assert not problems, "\n".join(problems)
+    # Every histogram a quantile is drawn from has observations (an empty one renders nothing).
+    for where, expr in _queries():
+        for metric in metric_names(expr):
+            if metric.endswith("_bucket"):
+                scrape = relay if metric.startswith("voicerelay_relay_") else control
+                count = metric.removesuffix("_bucket") + "_count"
+                assert scrape.totals.get(count, 0) > 0, f"{where}: {count} has no observation"
