@@ -181,6 +181,8 @@ def test_errors_reach_sentry_without_secrets(recorder: tuple[str, list[bytes]]) 
     }
     assert {"RuntimeError", "ValueError"} <= kinds
     assert any("call failed for" in json.dumps(event) for event in events)  # the log error
+    requests = [event["request"] for event in events if "request" in event]
+    assert any(str(r["url"]).endswith("/boom") for r in requests)  # type: ignore[index]
     for event in events:
         assert event["environment"] == "test-env"
         assert event["tags"]["service"] == "relay"  # type: ignore[index]

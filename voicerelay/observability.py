@@ -102,6 +102,7 @@ def init_sentry(settings: Settings, *, service: str) -> bool:
     if settings.sentry_dsn is None:
         return False
     import sentry_sdk
+    from sentry_sdk.integrations.starlette import StarletteIntegration
 
     sentry_sdk.init(
         dsn=settings.sentry_dsn.get_secret_value(),
@@ -113,6 +114,11 @@ def init_sentry(settings: Settings, *, service: str) -> bool:
         max_request_body_size="never",
         before_send=scrub_event,  # type: ignore[arg-type]
         before_send_transaction=scrub_event,  # type: ignore[arg-type]
+        # Errors are what is reported. Auto-enabled integrations would also instrument every
+        # Redis, asyncpg and httpx call, some of them on the audio path; Starlette's adds the
+        # request (scrubbed) to errors raised while serving one.
+        auto_enabling_integrations=False,
+        integrations=[StarletteIntegration()],
     )
     sentry_sdk.set_tag("service", service)
     return True
