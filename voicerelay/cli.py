@@ -436,6 +436,14 @@ _EMULATOR_FORMATS = (
 )
 @click.option("--first-message", default=None, help="What the agent says when a call starts.")
 @click.option("--public", is_flag=True, help="Agents need no signed URL (public agents).")
+@click.option(
+    "--twilio-account",
+    "twilio_accounts",
+    multiple=True,
+    metavar="SID:TOKEN",
+    help="A Twilio AccountSid:AuthToken the REST emulator accepts; repeatable "
+    "(default: the built-in local development account).",
+)
 def emulator(
     host: str | None,
     port: int | None,
@@ -447,12 +455,14 @@ def emulator(
     max_duration: float,
     first_message: str | None,
     public: bool,
+    twilio_accounts: tuple[str, ...],
 ) -> None:
-    """Serve the ElevenLabs Conversational AI emulator (signed URLs and the ConvAI WebSocket).
+    """Serve the ElevenLabs Conversational AI emulator (signed URLs and the ConvAI WebSocket)
+    and Twilio's REST Calls resource (hang-up and transfer of phone calls).
 
-    Point ELEVENLABS_API_URL at it; it accepts any agent id, each behaving as configured by
-    the options. The agent echoes what the caller says; `user_message` texts script it (see
-    voicerelay/emulators/convai_script.py).
+    Point ELEVENLABS_API_URL and TWILIO_API_URL at it; it accepts any agent id, each behaving as
+    configured by the options, and any CallSid as an in-progress call. The agent echoes what the
+    caller says; `user_message` texts script it (see voicerelay/emulators/convai_script.py).
     """
     import uvicorn
 
@@ -461,6 +471,11 @@ def emulator(
         EmulatedAgent,
         EmulatorConfig,
         create_emulator_app,
+    )
+    from voicerelay.emulators.twilio_rest import (
+        DEFAULT_ACCOUNT_SID,
+        DEFAULT_AUTH_TOKEN,
+        TwilioRestConfig,
     )
 
     settings = _settings()
@@ -478,10 +493,18 @@ def emulator(
     config = EmulatorConfig(api_keys=frozenset(api_keys or (DEFAULT_API_KEY,)), default_agent=agent)
     if not api_keys:
         click.echo(f"ElevenLabs emulator accepts the local development key {DEFAULT_API_KEY}")
-    click.echo(f"ElevenLabs emulator on http://{bind_host}:{bind_port}")
+    twilio = TwilioRestConfig(accept_unknown_calls=True)
+    if twilio_accounts:
+        twilio.accounts = dict(_twilio_account(text) for text in twilio_accounts)
+    else:
+        click.echo(
+            "Twilio REST emulator accepts the local development account "
+            f"{DEFAULT_ACCOUNT_SID} / {DEFAULT_AUTH_TOKEN}"
+        )
+    click.echo(f"ElevenLabs and Twilio REST emulator on http://{bind_host}:{bind_port}")
     server = uvicorn.Server(
         uvicorn.Config(
-            create_emulator_app(config),
+            create_emulator_app(config, twilio=twilio),
             host=bind_host,
             port=bind_port,
             lifespan="on",
@@ -491,6 +514,13 @@ def emulator(
         )
     )
     _run(server.serve())
+
+
+def _twilio_account(text: str) -> tuple[str, str]:
+    sid, sep, token = text.partition(":")
+    if not sep or not sid.startswith("AC") or not token:
+        raise click.BadParameter("must look like AC...:authtoken", param_hint="--twilio-account")
+    return sid, token
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -334,6 +334,11 @@ def emulator_service(plan: Plan, configured: frozenset[str]) -> Service | None:
         key = getattr(sys.modules[factory.__module__], "DEFAULT_API_KEY", None)
         accepts = f", accepts the key {key}" if isinstance(key, str) else ""
         plan.sources["ElevenLabs"] = f"the emulator{accepts}"
+    if "TWILIO_API_URL" not in configured:
+        # The same emulator serves Twilio's REST Calls resource (phone hang-up and transfer).
+        url = f"http://{_local_host(settings.emulator_host)}:{settings.emulator_port}"
+        plan.settings = plan.settings.model_copy(update={"twilio_api_url": url})
+        plan.sources["Twilio REST"] = "the emulator (any CallSid, the development account)"
     return service
 
 

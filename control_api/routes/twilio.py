@@ -2,9 +2,10 @@
 
 Twilio does not send our bearer tokens, so these endpoints authenticate each request by its
 ``X-Twilio-Signature`` under the auth token of the tenant's Twilio account (see
-``control_api.telephony.signature``). Work before the signature is checked is bounded: a per-address
-rate limit, the body size limit, a missing signature refused before any lookup, then one indexed
-lookup to learn the tenant and at most a few HMACs.
+``control_api.telephony.signature``). Work before the signature is checked is bounded: the body
+size limit, a missing signature refused before anything else, a rate limit per client address and
+called number (or CallSid), then one indexed lookup to learn the tenant, a few credential
+decryptions and HMACs.
 
 Every answer is TwiML (``text/xml``): 403 for a missing or invalid signature, 200 with a polite
 ``<Say>`` and ``<Hangup/>`` for any other refusal (Twilio plays it to the caller), and each outcome
@@ -13,6 +14,7 @@ is one log line without the call token.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -102,16 +104,9 @@ class _SignedRequest:
     params: FormParams
 
 
-async def _read_form(call: ApiCall[Any, Any], event: str) -> tuple[str, FormParams]:
+async def _read_form(call: ApiCall[Any, Any], event: str, subject: str) -> tuple[str, FormParams]:
     """The signature and every parameter, after the checks that need no lookup."""
-    state, request = call.state, call.request
-    rate = Rate(state.settings.rate_limit_api_per_second, state.settings.rate_limit_api_burst)
-    await enforce(
-        state,
-        "twilio-webhook",
-        request_client_ip(request, state.settings.trusted_proxies),
-        rate,
-    )
+    request = call.request
     signature = request.headers.get(SIGNATURE_HEADER, "")
     if not signature:
         raise _forbidden(event, "no X-Twilio-Signature")
@@ -121,7 +116,22 @@ async def _read_form(call: ApiCall[Any, Any], event: str) -> tuple[str, FormPara
     if media != _FORM_MEDIA_TYPE:
         raise Problem(415, "unsupported_media_type", f"Twilio webhooks are {_FORM_MEDIA_TYPE}.")
     form = await request.form()
-    return signature, FormParams.of((k, v) for k, v in form.multi_items() if isinstance(v, str))
+    params = FormParams.of((k, v) for k, v in form.multi_items() if isinstance(v, str))
+    await _limit(call, event, params.first(subject) or "")
+    return signature, params
+
+
+async def _limit(call: ApiCall[Any, Any], event: str, subject: str) -> None:
+    """A flood guard before any lookup, per client address *and* the number or call the request
+    names. Not per address alone: Twilio's few webhook addresses carry every tenant's calls, so a
+    limit on them (or on their failures, which anyone can provoke by pointing a Twilio number of
+    their own here) would let one tenant's traffic refuse another's."""
+    state = call.state
+    settings = state.settings
+    ip = request_client_ip(call.request, settings.trusted_proxies)
+    named = hashlib.sha256(subject[:_MAX_FIELD_CHARS].encode()).hexdigest()[:24]
+    rate = Rate(settings.rate_limit_api_per_second, settings.rate_limit_api_burst)
+    await enforce(state, f"twilio-{event}", f"{ip}|{named}", rate)
 
 
 async def _verify(
@@ -189,7 +199,7 @@ async def twilio_voice(call: ApiCall[Any, Any]) -> Response:
     "A call comes in" webhook in Twilio's console, and ``/v1/twilio/status`` as its call status
     callback."""
     try:
-        signature, params = await _read_form(call, "voice")
+        signature, params = await _read_form(call, "voice", "To")
         return await _answer(call, signature, params)
     except _Refusal as refusal:
         return _twiml(twiml.say_and_hang_up(refusal.message), refusal.status)
@@ -361,7 +371,7 @@ async def _create_call(conn: Conn, signed: _SignedRequest, agent: Any, call_sid:
 async def twilio_status(call: ApiCall[Any, Any]) -> Response:
     """Set this URL as the phone number's call status callback in Twilio's console."""
     try:
-        signature, params = await _read_form(call, "status")
+        signature, params = await _read_form(call, "status", "CallSid")
         return await _record_status(call, signature, params)
     except _Refusal as refusal:
         return _twiml(twiml.empty(), refusal.status)

@@ -42,6 +42,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from voicerelay.emulators import twilio_rest
 from voicerelay.emulators.audio import AUDIO_FORMATS
 from voicerelay.emulators.convai_script import (
     Close,
@@ -51,6 +52,7 @@ from voicerelay.emulators.convai_script import (
     SendText,
     close_reason,
 )
+from voicerelay.emulators.twilio_rest import TwilioRestConfig
 
 __all__ = [
     "AUDIO_FORMATS",
@@ -349,8 +351,12 @@ def routes() -> list[BaseRoute]:
     ]
 
 
-def create_emulator_app(config: EmulatorConfig | None = None) -> Starlette:
-    app = Starlette(routes=routes())
+def create_emulator_app(
+    config: EmulatorConfig | None = None, *, twilio: TwilioRestConfig | None = None
+) -> Starlette:
+    """ElevenLabs, plus Twilio's REST Calls resource (``twilio_rest.py``) on the same server."""
+    app = Starlette(routes=[*routes(), *twilio_rest.routes()])
+    app.state.twilio_rest = twilio or TwilioRestConfig(accept_unknown_calls=True)
     app.state.emulator = config or EmulatorConfig()
     app.state.conversations = ConversationLog(app.state.emulator.keep_conversations)
     return app
