@@ -86,7 +86,7 @@ class MetricsMiddleware:
 # --- dependencies -----------------------------------------------------------------------------
 DEPENDENCY_UP = Gauge(
     "control_api_dependency_up",
-    "1 if the dependency answered the last /ready probe, 0 if not (postgres, redis).",
+    "1 if the dependency answered the last check (every scrape and /ready probe), else 0.",
     ["dependency"],
 )
 

@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from control_api.endpoints import ApiCall, EndpointGroup
 from control_api.metrics import DEPENDENCY_UP
+from control_api.state import AppState
 
 group = EndpointGroup("operations")
 
@@ -19,11 +20,10 @@ async def health(call: ApiCall[Any, Any]) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@group(
-    "GET", "/ready", summary="Postgres and Redis are reachable", auth=False, include_in_schema=False
-)
-async def ready(call: ApiCall[Any, Any]) -> Response:
-    state = call.state
+async def check_dependencies(state: AppState) -> dict[str, str]:
+    """Ping Postgres and Redis ("ok" or "unreachable" each) and record it in
+    ``control_api_dependency_up``: on every /ready probe and every Prometheus scrape, so the
+    alerts see an outage even where nothing probes /ready."""
     checks: dict[str, str] = {}
     try:
         async with asyncio.timeout(2):
@@ -37,8 +37,17 @@ async def ready(call: ApiCall[Any, Any]) -> Response:
         checks["redis"] = "ok"
     except Exception:
         checks["redis"] = "unreachable"
-    for dependency in ("postgres", "redis"):
-        DEPENDENCY_UP.labels(dependency).set(checks[dependency] == "ok")
+    for dependency, result in checks.items():
+        DEPENDENCY_UP.labels(dependency).set(result == "ok")
+    return checks
+
+
+@group(
+    "GET", "/ready", summary="Postgres and Redis are reachable", auth=False, include_in_schema=False
+)
+async def ready(call: ApiCall[Any, Any]) -> Response:
+    state = call.state
+    checks = await check_dependencies(state)
     if state.draining:
         checks["draining"] = "true"
     ok = all(v == "ok" for k, v in checks.items() if k != "draining") and not state.draining
@@ -49,6 +58,7 @@ async def ready(call: ApiCall[Any, Any]) -> Response:
 
 @group("GET", "/metrics", summary="Prometheus metrics", auth=False, include_in_schema=False)
 async def metrics(call: ApiCall[Any, Any]) -> Response:
+    await check_dependencies(call.state)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
