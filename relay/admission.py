@@ -197,6 +197,11 @@ class ConnectionRateLimiter:
             return retry
         return await self._check("tenant", str(tenant_id), self._per_tenant)
 
+    async def check_tenant(self, tenant_id: uuid.UUID | str) -> float | None:
+        """The tenant's rate only: for connections whose address says nothing about who is
+        calling (Twilio's media servers open every tenant's phone streams)."""
+        return await self._check("tenant", str(tenant_id), self._per_tenant)
+
     async def _check(self, limiter: str, subject: str, rate: Rate) -> float | None:
         key = self._settings.redis_key("rl", "relay-connect-" + limiter, subject)
         try:

@@ -1,4 +1,5 @@
-"""The relay's ASGI app: Socket.IO at /socket.io (WebSocket only) plus /health, /ready, /metrics.
+"""The relay's ASGI app: Socket.IO at /socket.io (WebSocket only), Twilio Media Streams at
+/twilio/stream (phone calls, relay.phone.stream), plus /health, /ready, /metrics.
 
 ``create_app(settings)`` is what `voicerelay relay` and `voicerelay up` serve. The app object also
 carries ``drain()``, which the server runs on SIGTERM before it stops (see voicerelay/serving.py).
@@ -21,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from relay.phone.stream import STREAM_PATH, TwilioStreamEndpoint
 from relay.runtime import RelayOptions, RelayRuntime
 from relay.sio_server import create_sio_server
 from voicerelay.settings import Settings
@@ -34,6 +36,14 @@ WEBSOCKET_REQUIRED = JSONResponse(
     },
     status_code=400,
 )
+STREAM_WEBSOCKET_REQUIRED = JSONResponse(
+    {
+        "code": "websocket_required",
+        "message": "/twilio/stream is Twilio Media Streams: a WebSocket opened by Twilio "
+        "(<Connect><Stream>).",
+    },
+    status_code=400,
+)
 
 
 class RelayApp:
@@ -41,6 +51,7 @@ class RelayApp:
         self.runtime = RelayRuntime(settings, options)
         self.sio, self.emitter, self.handlers = create_sio_server(self.runtime)
         self._socketio = socketio.ASGIApp(self.sio, socketio_path=SOCKETIO_PATH.strip("/"))
+        self._twilio = TwilioStreamEndpoint(self.runtime, self.handlers.placer)
         self._http = Starlette(
             routes=[
                 Route("/health", self._health, methods=["GET"]),
@@ -58,6 +69,13 @@ class RelayApp:
                 return
             if scope["type"] == "http":
                 await WEBSOCKET_REQUIRED(scope, receive, send)
+                return
+        if path == STREAM_PATH:
+            if scope["type"] == "websocket":
+                await self._twilio(scope, receive, send)
+                return
+            if scope["type"] == "http":
+                await STREAM_WEBSOCKET_REQUIRED(scope, receive, send)
                 return
         await self._http(scope, receive, send)
 

@@ -55,6 +55,7 @@ from relay.protocol.close_codes import (
     CLIENT_GONE,
     IDLE_TIMEOUT,
     MAX_DURATION,
+    OWNER_LOST,
     RELAY_ERROR,
     CallEnd,
 )
@@ -122,6 +123,35 @@ class Emitter(Protocol):
     async def hand_off(self, sid: str, reason: str) -> None:
         """Tell a client connected here to reconnect (``relay.reconnect``) and close its
         transport so its Socket.IO client reconnects on its own."""
+        ...
+
+
+class PhoneLink(Protocol):
+    """The call's phone line (relay.phone.leg), when the caller is one. It is the caller: agent
+    audio goes to it directly, not through the outbox, and it cannot move to another replica."""
+
+    def play(self, audio: bytes, encoded: str, received_at: float) -> None:
+        """Queue agent audio (μ-law 8 kHz; ``encoded``: the same as base64, or "")."""
+        ...
+
+    def interrupt(self) -> None:
+        """Barge-in: cut what is queued or playing, at once."""
+        ...
+
+    async def ready(self) -> None:
+        """The agent is there: deliver what the caller said meanwhile, in order."""
+        ...
+
+    def tool_call(self, event: ClientToolCall) -> None:
+        """The agent asked for a client tool; the phone line answers it (no app can)."""
+        ...
+
+    async def finish(self, how: CallEnd) -> None:
+        """The call ended: let queued agent audio play if the agent ended it, close the line."""
+        ...
+
+    def report(self) -> dict[str, int]:
+        """Extra usage fields: what the caller heard, marks, key presses."""
         ...
 
 
@@ -199,6 +229,8 @@ class CallBridge:
         self.owner_link: OwnerLink | None = None
         self.conversation_ids: list[str] = []
         self.remote_sids: dict[str, str] = {}
+        # The caller's phone line, for a phone call (attached before ``start``).
+        self.phone: PhoneLink | None = None
         self._quiet = False
         self._renew_now = False
         self.takeover = takeover is not None
@@ -217,6 +249,19 @@ class CallBridge:
                 setattr(self, name, value)
 
     # --- lifecycle ----------------------------------------------------------------------------
+    def attach_phone(self, phone: PhoneLink) -> None:
+        """Make ``phone`` the call's caller (before ``start``)."""
+        self.phone = phone
+
+    @property
+    def pinned(self) -> bool:
+        """The call cannot move to another replica: its caller is a phone line connected here."""
+        return self.phone is not None
+
+    @property
+    def how_ended(self) -> CallEnd | None:
+        return self._end
+
     def start(self, epoch: int | None = None) -> None:
         """Start the call; ``epoch`` is our ownership lease's (cluster only)."""
         self.epoch = epoch
@@ -224,6 +269,9 @@ class CallBridge:
         metrics.TENANT_ACTIVE_CALLS.started(self.tenant_id)
         if not self.takeover:
             self._log_event("connecting")
+        if self.phone is not None:
+            self._had_caller = True
+            self._log_event("connected", resumed=False, leg="phone")
         name = f"call-{self.call_id}"
         self._run_task = asyncio.create_task(self._run(), name=name)
         self._tasks = [
@@ -307,6 +355,8 @@ class CallBridge:
         if self._end is not None:
             return None
         self._on_started(started)
+        if self.phone is not None:
+            await self.phone.ready()
         async for event in upstream.events():
             self._on_upstream_event(event, upstream.received_at)
             if self._end is not None:
@@ -378,6 +428,11 @@ class CallBridge:
                 await self.owner_link.close()
         if self._upstream is not None:
             await self._upstream.close()
+        if self.phone is not None:
+            try:
+                await self.phone.finish(how)
+            except Exception:
+                log.exception("closing the phone line failed", extra={"call_id": str(self.call_id)})
         # Usage is cumulative, so even a replica that lost the call may report what it carried.
         self._log_event("usage", **self.usage())
         metrics.ACTIVE_CALLS.dec()
@@ -404,6 +459,7 @@ class CallBridge:
             ended_by=how.ended_by,
             duration_ms=duration_ms,
             failed=how.failed,
+            **(self.phone.report() if self.phone is not None else {}),
         )
         metrics.CALLS.labels(how.reason).inc()
         if how.failed:
@@ -498,19 +554,43 @@ class CallBridge:
                 wire.ErrorCode.invalid_message,
                 "PCM audio must be whole 16-bit samples (an even byte count).",
             )
+        await self._forward_caller_audio(self._upstream, data, "")
+        return None
+
+    async def phone_audio(self, data: bytes, encoded: str) -> None:
+        """Audio from the phone line (μ-law; ``encoded`` is the same as Twilio's base64)."""
+        upstream = self._upstream
+        if upstream is not None and self.ready:
+            await self._forward_caller_audio(upstream, data, encoded)
+
+    async def _forward_caller_audio(self, upstream: Upstream, data: bytes, encoded: str) -> None:
         received = time.perf_counter()
         self._last_audio = time.monotonic()
         self.frames_in += 1
         self.bytes_in += len(data)
-        converted = self._to_agent.convert(data)
-        if converted:
-            await self._upstream.send(self._protocol.user_audio(converted))
+        if encoded and self._to_agent.passthrough:
+            await upstream.send(self._protocol.user_audio_base64(encoded))
             metrics.ADDED_LATENCY_SECONDS.observe(time.perf_counter() - received)
+        else:
+            converted = self._to_agent.convert(data)
+            if converted:
+                await upstream.send(self._protocol.user_audio(converted))
+                metrics.ADDED_LATENCY_SECONDS.observe(time.perf_counter() - received)
         _FRAMES_IN.inc()
         _BYTES_IN.inc(len(data))
         if self.monitor_sids:
             self._send_audio(EV_CALLER_AUDIO, data, self.monitors_room, self._last_audio)
-        return None
+
+    async def dtmf(self, digit: str) -> bool:
+        """A key the caller pressed on the phone: a turn for the agent (``user_message``), and
+        ``dtmf`` {digit} for the call's Socket.IO clients. False if the agent is not there yet."""
+        upstream = self._upstream
+        if upstream is None or not self.ready:
+            return False
+        self._last_audio = time.monotonic()
+        await upstream.send(self._protocol.user_message(wire.dtmf_text(digit)))
+        self._send(wire.EV_DTMF, wire.dtmf(digit), self.room)
+        return True
 
     async def caller_command(self, command: object) -> wire.ClientRejection | None:
         """Any caller command other than audio."""
@@ -546,9 +626,14 @@ class CallBridge:
         if isinstance(event, AgentAudio):
             converted = self._to_client.convert(event.audio)
             if converted:
-                self._send_audio(wire.EV_AUDIO, converted, self.room, received_at)
+                if self.phone is not None:
+                    self._to_phone(self.phone, converted, event, received_at)
+                else:
+                    self._send_audio(wire.EV_AUDIO, converted, self.room, received_at)
             self._last_audio = time.monotonic()
         elif isinstance(event, Interruption):
+            if self.phone is not None:
+                self.phone.interrupt()  # before anything else: the caller hears the cut first
             dropped = self._outbox.drop_audio()
             if dropped:
                 metrics.STALE_AUDIO_DROPPED.inc(dropped)
@@ -573,6 +658,8 @@ class CallBridge:
                 wire.client_tool_call(event.tool_name, event.tool_call_id, event.parameters),
                 self.room,
             )
+            if self.phone is not None:
+                self.phone.tool_call(event)
         elif isinstance(event, UpstreamError):
             log.warning(
                 "agent reported an error",
@@ -589,6 +676,20 @@ class CallBridge:
             )
         # Pings are answered inside Upstream; ConversationStarted repeats and unknown types
         # are ignored.
+
+    def _to_phone(
+        self, phone: PhoneLink, audio: bytes, event: AgentAudio, received_at: float
+    ) -> None:
+        """Agent audio straight to the phone line; monitors, if any, get it through the outbox."""
+        # Passed through untouched (a μ-law agent): Twilio can take the agent's own base64.
+        encoded = event.encoded if audio is event.audio else ""
+        phone.play(audio, encoded, received_at)
+        self.frames_out += 1
+        self.bytes_out += len(audio)
+        _FRAMES_OUT.inc()
+        _BYTES_OUT.inc(len(audio))
+        if self.monitor_sids:
+            self._send_audio(wire.EV_AUDIO, audio, self.room, received_at)
 
     def _send(self, event: str, data: Any, room: str) -> None:
         self._outbox.put(Outgoing(event, data, room))
@@ -618,7 +719,7 @@ class CallBridge:
             except Exception:
                 log.exception("emit to clients failed", extra={"call_id": str(self.call_id)})
                 continue
-            if item.audio and item.event == wire.EV_AUDIO:
+            if item.audio and item.event == wire.EV_AUDIO and self.phone is None:
                 self.frames_out += 1
                 if self.frames_out == 1:  # a successor owner continues the count: not observed
                     metrics.FIRST_AGENT_AUDIO_SECONDS.observe(time.monotonic() - self.created_at)
@@ -688,6 +789,7 @@ class CallBridge:
             usage=self.usage(),
             # Room for the events logged after this report, should the successor take over.
             seq=self._seq + 1000,
+            pinned=self.pinned,
         )
 
     async def _renew_lease(self, cluster: ClusterRegistry) -> float:
@@ -711,7 +813,12 @@ class CallBridge:
             )
             return min(0.5, cluster.renew_interval_seconds)
         if renewal is Renewal.LOST:
-            self.abandon()
+            if self.pinned:
+                # The phone line is here and cannot follow: another replica ended the call
+                # (it took us for dead), so it ends here too.
+                self.end(OWNER_LOST)
+            else:
+                self.abandon()
         return cluster.renew_interval_seconds
 
     async def _release_ownership(self) -> None:
@@ -756,6 +863,7 @@ class CallBridge:
             "frames_out": self.frames_out,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            **(self.phone.report() if self.phone is not None else {}),
         }
 
     def _log_transcript(self, role: str, text: str, event_id: int | None, **extra: Any) -> None:

@@ -201,3 +201,30 @@ TENANT_ACTIVE_CALLS = TenantCalls()
 PUBSUB_LISTENER_UP = PubSubListenerUp()
 REGISTRY.register(TENANT_ACTIVE_CALLS)
 REGISTRY.register(PUBSUB_LISTENER_UP)
+
+# --- phone calls (Twilio Media Streams) ---------------------------------------------------------
+PHONE_STREAMS = Counter(
+    "voicerelay_relay_phone_streams_total",
+    "Twilio Media Streams connections, by result: accepted, or the stable code they were closed "
+    "with before the call started (unauthorized, missing_start, ...).",
+    ["result"],
+)
+PHONE_STREAM_VIOLATIONS = Counter(
+    "voicerelay_relay_phone_stream_violations_total",
+    "Media Streams messages that broke the protocol (the stream is closed), by code.",
+    ["code"],
+)
+PHONE_IGNORED_EVENTS = Counter(
+    "voicerelay_relay_phone_ignored_events_total",
+    "Media Streams messages of event types the relay does not know, ignored.",
+)
+PHONE_PREBUFFER_DROPPED = Counter(
+    "voicerelay_relay_phone_prebuffer_dropped_total",
+    "Caller audio chunks dropped (oldest first) while the agent was not ready yet, beyond "
+    "RELAY_PHONE_PREBUFFER_MS.",
+)
+PHONE_CONTROL_REQUESTS = Counter(
+    "voicerelay_relay_phone_control_requests_total",
+    "Hang-up and transfer requests to the control API, by action and result.",
+    ["action", "result"],
+)

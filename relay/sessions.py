@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -48,8 +48,24 @@ class ConversationInitiation(_Model):
     dynamic_variables: dict[str, Any] = Field(repr=False)
 
 
+class Telephony(_Model):
+    """The phone leg's provider ids; the relay checks them against the stream's ``start``."""
+
+    provider: Literal["twilio"] = "twilio"
+    call_sid: str
+    account_sid: str
+
+
+Direction = Literal["browser", "phone_inbound", "phone_outbound"]
+PHONE_DIRECTIONS: frozenset[str] = frozenset({"phone_inbound", "phone_outbound"})
+
+
 class CallSession(_Model):
-    """Mirrors control_api.call_sessions.CallSession (the endpoint's response)."""
+    """Mirrors control_api.call_sessions.CallSession (the endpoint's response).
+
+    ``direction`` and ``telephony`` have defaults so a relay and a control API of different
+    versions work together during a rolling deploy (an older API's calls are browser calls).
+    """
 
     call_id: uuid.UUID
     tenant_id: uuid.UUID
@@ -63,6 +79,12 @@ class CallSession(_Model):
     max_duration_seconds: int
     tenant_max_concurrent_calls: int
     conversation_ids: list[str]
+    direction: Direction = "browser"
+    telephony: Telephony | None = None
+
+    @property
+    def is_phone(self) -> bool:
+        return self.direction in PHONE_DIRECTIONS
 
 
 class SessionError(Exception):
@@ -82,7 +104,9 @@ class SessionError(Exception):
         self.problem = problem
 
 
-class SessionClient:
+class InternalClient:
+    """The relay's side of the control API's internal endpoints (service token auth)."""
+
     def __init__(
         self,
         http: httpx.AsyncClient,
@@ -92,7 +116,7 @@ class SessionClient:
         timeout: float = 10.0,
     ) -> None:
         self._http = http
-        self._url = base_url.rstrip("/") + SESSION_PATH
+        self._base = base_url.rstrip("/")
         secret = (
             service_token.get_secret_value()
             if isinstance(service_token, SecretStr)
@@ -102,7 +126,7 @@ class SessionClient:
         self._timeout = timeout
 
     @classmethod
-    def from_settings(cls, http: httpx.AsyncClient, settings: Settings) -> SessionClient:
+    def from_settings(cls, http: httpx.AsyncClient, settings: Settings) -> Self:
         return cls(
             http,
             settings.control_api_internal_url,
@@ -111,7 +135,16 @@ class SessionClient:
         )
 
     def __repr__(self) -> str:
-        return f"SessionClient({self._url!r})"
+        return f"{type(self).__name__}({self._base!r})"
+
+    async def _post(self, path: str, body: dict[str, str]) -> httpx.Response:
+        """POST ``body`` as JSON; raises httpx errors."""
+        return await self._http.post(
+            self._base + path, json=body, headers=self._headers, timeout=self._timeout
+        )
+
+
+class SessionClient(InternalClient):
 
     async def fetch(self, token: str) -> CallSession:
         try:
@@ -124,9 +157,7 @@ class SessionClient:
 
     async def _fetch(self, token: str) -> CallSession:
         try:
-            response = await self._http.post(
-                self._url, json={"token": token}, headers=self._headers, timeout=self._timeout
-            )
+            response = await self._post(SESSION_PATH, {"token": token})
         except httpx.TimeoutException:
             log.warning("the control API did not answer the call-session request in time")
             raise SessionError(
@@ -157,7 +188,7 @@ class SessionClient:
 
 def _error_for(response: httpx.Response) -> SessionError:
     status = response.status_code
-    problem = _problem_code(response)
+    problem = problem_code(response)
     if status in (401, 404):
         if problem != "invalid_call_token":
             # Not the caller's fault: the relay's own service token was refused.
@@ -194,7 +225,7 @@ def _error_for(response: httpx.Response) -> SessionError:
     )
 
 
-def _problem_code(response: httpx.Response) -> str:
+def problem_code(response: httpx.Response) -> str:
     try:
         body = response.json()
     except ValueError:

@@ -23,28 +23,23 @@ agent in the order they were sent, and a slow upstream slows only its own call.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
-import uuid
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import socketio
 
 from relay import metrics
-from relay.admission import AdmissionUnavailable
-from relay.bridge import EV_RECONNECT, CallBridge
-from relay.cluster.registry import CallEndedInRegistry, CallRecord, RegistryUnavailable
-from relay.cluster.remote import OwnerEndpoint, RemoteCall, owner_reachable, reject
-from relay.jwks import KeysUnavailable
+from relay.bridge import EV_RECONNECT
+from relay.cluster.registry import CallRecord
+from relay.cluster.remote import RemoteCall, reject
+from relay.placement import CallPlacer, Placement, Refusal, RemotePlacement
 from relay.protocol import client as wire
 from relay.registry import Participant
 from relay.runtime import RelayRuntime
 from relay.sessions import CallSession, SessionError
-from voicerelay.call_token import CallTokenClaims, CallTokenError
 from voicerelay.client_ip import scope_client_ip
 
 log = logging.getLogger(__name__)
@@ -54,24 +49,6 @@ NAMESPACE = "/"
 FRAME_OVERHEAD_BYTES = 16 * 1024
 # How long a just-admitted connection may take to become fully connected (ack sent).
 JOIN_WAIT_SECONDS = 5.0
-
-
-class Refusal(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True)
-class RemotePlacement:
-    """The call is owned by another live replica: the connection joins it from here."""
-
-    record: CallRecord
-    session: CallSession
-
-
-Placement = CallBridge | RemotePlacement
 
 
 class SioEmitter:
@@ -182,18 +159,7 @@ class RelayHandlers:
         self._registry = runtime.registry
         self._max_audio = runtime.settings.relay_max_audio_chunk_bytes
         self._joins: set[asyncio.Task[None]] = set()
-        self._placing: dict[uuid.UUID, asyncio.Lock] = {}
-
-    @contextlib.asynccontextmanager
-    async def _placement(self, call_id: uuid.UUID) -> AsyncIterator[None]:
-        """One placement decision (attach, join remotely, claim) at a time per call here."""
-        lock = self._placing.setdefault(call_id, asyncio.Lock())
-        try:
-            async with lock:
-                yield
-        finally:
-            if not lock.locked() and self._placing.get(call_id) is lock:
-                del self._placing[call_id]
+        self.placer = CallPlacer(runtime, max_audio_bytes=self._max_audio)
 
     # --- connect ------------------------------------------------------------------------------
     async def connect(self, sid: str, environ: Mapping[str, Any], auth: Any) -> None:
@@ -239,7 +205,8 @@ class RelayHandlers:
         token = auth.get("token") if isinstance(auth, Mapping) else None
         if not isinstance(token, str) or not token:
             raise Refusal("unauthorized", "A call token is required: connect with auth {token}.")
-        claims = await self._verify(token)
+        placer = self.placer
+        claims = await placer.verify(token)
         context.update(call_id=str(claims.call_id), tenant_id=str(claims.tenant_id))
         context["role"] = claims.role
         retry_after = await runtime.rate_limiter.check(ip, claims.tenant_id)
@@ -248,7 +215,10 @@ class RelayHandlers:
                 "rate_limited",
                 f"Too many connections; retry in {math.ceil(retry_after)} s.",
             )
-        session = await self._session(token, claims)
+        session = await placer.session(token, claims)
+        if claims.role == "caller" and session.direction != "browser":
+            # A phone call's caller is its phone line (relay.phone); only monitors join here.
+            raise Refusal("forbidden", "This call is a phone call; it cannot be joined as caller.")
         self._check_origin(environ, session)
         participant = Participant(
             sid=sid,
@@ -258,86 +228,20 @@ class RelayHandlers:
             client_ip=ip,
             token=token,
         )
-        local = self._local_bridge(claims.call_id)
+        local = placer.local_bridge(claims.call_id)
         if local is not None:
             return participant, local
         if runtime.cluster is None:
             if claims.role == "monitor":
                 raise Refusal("not_ready", "The call is not in progress here; try again shortly.")
-            bridge = await self._new_bridge(claims, session)
+            bridge = await placer.new_bridge(claims, session)
             assert bridge is not None  # only a cluster claim can lose a race
             return participant, bridge
-        async with self._placement(claims.call_id):
-            placement = await self._place(participant, claims, session)
+        async with placer.placement(claims.call_id):
+            placement = await placer.place(claims, session)
         if isinstance(placement, RemotePlacement):
             participant.remote = True
         return participant, placement
-
-    def _local_bridge(self, call_id: uuid.UUID) -> CallBridge | None:
-        bridge = self._registry.get(call_id)
-        if self._registry.recently_ended(call_id) or (
-            bridge is not None and bridge.ended and not bridge.abandoned
-        ):
-            raise Refusal("call_ended", "This call has ended.")
-        return bridge if bridge is not None and not bridge.ended else None
-
-    async def _place(
-        self, participant: Participant, claims: CallTokenClaims, session: CallSession
-    ) -> Placement:
-        """Where this connection's call lives, cluster-wide (claiming it if nobody has it)."""
-        runtime, cluster = self._runtime, self._runtime.cluster
-        assert cluster is not None
-        local = self._local_bridge(claims.call_id)
-        if local is not None:
-            return local
-        for _ in range(3):
-            record = await self._lookup(claims.call_id)
-            if record is not None and record.ended:
-                raise Refusal("call_ended", "This call has ended.")
-            if (
-                record is not None
-                and record.owner not in ("", cluster.replica_id)
-                and record.has_live_owner
-                and await owner_reachable(runtime.redis, runtime.channels, record)
-            ):
-                if runtime.drain.draining:
-                    raise Refusal("draining", "This relay is shutting down; connect again.")
-                return RemotePlacement(record, session)
-            if claims.role == "monitor":
-                raise Refusal("not_ready", "The call is not in progress yet; try again shortly.")
-            bridge = await self._new_bridge(claims, session, record)
-            if bridge is not None:
-                return bridge
-            # Another replica claimed the call a moment ago: join it there.
-        raise Refusal("upstream_unavailable", "The call could not be placed; try again.")
-
-    async def _lookup(self, call_id: uuid.UUID) -> CallRecord | None:
-        assert self._runtime.cluster is not None
-        try:
-            return await self._runtime.cluster.lookup(call_id)
-        except RegistryUnavailable:
-            raise Refusal(
-                "upstream_unavailable", "The relay cannot place calls right now; try again."
-            ) from None
-
-    async def _verify(self, token: str) -> CallTokenClaims:
-        try:
-            return await self._runtime.verifier.verify(token)
-        except KeysUnavailable:
-            raise Refusal(
-                "upstream_unavailable", "Call tokens cannot be checked right now; try again."
-            ) from None
-        except CallTokenError as exc:
-            raise Refusal("unauthorized", f"The call token is not valid: {exc}.") from None
-
-    async def _session(self, token: str, claims: CallTokenClaims) -> CallSession:
-        try:
-            session = await self._runtime.sessions.fetch(token)
-        except SessionError as exc:
-            raise Refusal(exc.code, exc.message) from None
-        if session.call_id != claims.call_id or session.tenant_id != claims.tenant_id:
-            raise Refusal("unauthorized", "The call token does not match its call.")
-        return session
 
     def _check_origin(self, environ: Mapping[str, Any], session: CallSession) -> None:
         allowed = session.agent.allowed_origins
@@ -347,97 +251,15 @@ class RelayHandlers:
         if origin not in allowed:
             raise Refusal("forbidden", "This origin may not call this agent.")
 
-    async def _new_bridge(
-        self,
-        claims: CallTokenClaims | None,
-        session: CallSession,
-        record: CallRecord | None = None,
-    ) -> CallBridge | None:
-        """Start the call's bridge here (and own the call). ``claims`` is None for a take-over
-        by a watcher; ``record`` is the registry's view of the call, if it has one. Returns None
-        when another replica claimed the call first."""
-        runtime = self._runtime
-        cluster = runtime.cluster
-        # The call had a conversation before: this bridge continues the call with a new one.
-        takeover = record if record is not None and record.conversation_ids else None
-        if (
-            claims is not None
-            and takeover is None
-            and session.status == "created"
-            and not claims.may_first_connect()
-        ):
-            raise Refusal("unauthorized", "The call token's time to connect has passed.")
-        # A call that is already running keeps its slot whatever the cap is now (idempotent).
-        limit = 1_000_000 if takeover is not None else session.tenant_max_concurrent_calls
-        try:
-            held = await runtime.cap.acquire(session.tenant_id, session.call_id, limit)
-        except AdmissionUnavailable:
-            raise Refusal(
-                "upstream_unavailable", "The relay cannot admit calls right now; try again."
-            ) from None
-        if not held:
-            raise Refusal("tenant_limit", "The tenant's limit of concurrent calls is reached.")
-        call_id, tenant_id = session.call_id, session.tenant_id
-        # Everything below is synchronous up to the claim: no other connect can slip in between
-        # the check and the registration (and the cluster path holds the placement lock).
-        existing = self._registry.get(call_id)
-        if existing is not None and not existing.ended:
-            return existing  # another connection of this caller won the race
-        if (existing is not None and not existing.abandoned) or self._registry.recently_ended(
-            call_id
-        ):
-            # The call ended meanwhile; its own release may have run before our acquire.
-            await runtime.cap.release(tenant_id, call_id)
-            raise Refusal("call_ended", "This call has ended.")
-        if runtime.drain.draining:
-            if takeover is None:
-                await runtime.cap.release(tenant_id, call_id)
-            raise Refusal("draining", "This relay is shutting down; connect again.")
-        bridge = CallBridge(runtime.bridge_services, session, takeover=takeover)
-        if cluster is None:
-            self._registry.add(bridge)
-            bridge.start()
-            return bridge
-        # Serve the owner channel before claiming: an owner is reachable as soon as it owns.
-        endpoint = OwnerEndpoint(
-            bridge,
-            runtime.routing,
-            cluster,
-            runtime.bridge_services.emitter,
-            max_audio_bytes=self._max_audio,
-        )
-        await endpoint.open()
-        dead_owner = record if record is not None and record.owner else None
-        try:
-            epoch = await cluster.claim(call_id, tenant_id, dead_owner=dead_owner)
-        except CallEndedInRegistry:
-            await endpoint.close()
-            await runtime.cap.release(tenant_id, call_id)
-            raise Refusal("call_ended", "This call has ended.") from None
-        except RegistryUnavailable:
-            await endpoint.close()
-            if takeover is None:
-                await runtime.cap.release(tenant_id, call_id)
-            raise Refusal(
-                "upstream_unavailable", "The relay cannot place calls right now; try again."
-            ) from None
-        if epoch is None:
-            # Lost the race; the slot (same call id) is the winner's now, so it stays.
-            await endpoint.close()
-            return None
-        self._registry.add(bridge)
-        bridge.start(epoch)
-        if takeover is not None:
-            log.info(
-                "took the call over; starting a new upstream conversation",
-                extra={"call_id": str(call_id), "epoch": epoch, "previous": takeover.owner},
-            )
-        return bridge
-
     async def take_over(self, call: RemoteCall, record: CallRecord | None) -> bool:
         """A watcher found the owner of a call whose clients are here gone (or found the call
         owned here already): run it here. True when the participants are local now."""
-        async with self._placement(call.call_id):
+        if record is not None and record.pinned:
+            # A phone call cannot move: its owner's death ended it (the watcher then lets the
+            # participants here go).
+            await self.placer.end_orphan(record)
+            return False
+        async with self.placer.placement(call.call_id):
             bridge = self._registry.get(call.call_id)
             if bridge is None or bridge.ended:
                 callers = [p for p in call.participants.values() if p.role == "caller"]
@@ -445,7 +267,7 @@ class RelayHandlers:
                     return False  # the caller's replica (or another one) takes the call
                 try:
                     session = await self._fresh_session(call, callers[0])
-                    bridge = await self._new_bridge(None, session, record)
+                    bridge = await self.placer.new_bridge(None, session, record)
                 except Refusal as refusal:
                     log.warning(
                         "could not take the call over: %s",

@@ -234,6 +234,7 @@ def test_event_names() -> None:
         "agent_response_correction",
         "user_transcript",
         "client_tool_call",
+        "dtmf",
         "call.ended",
         "error",
     } == client.SERVER_EVENTS

@@ -7,7 +7,9 @@ Cluster slot):
   A replica whose key is gone is dead.
 - ``call:{<call_id>}``: a hash: ``owner``, ``epoch``, ``lease_until_ms``, ``state``
   (starting | active | ended), ``tenant_id``, ``conversation_ids`` (JSON list), ``usage`` (JSON,
-  cumulative totals as last reported by the owner), ``seq`` (the owner's call-log sequence).
+  cumulative totals as last reported by the owner), ``seq`` (the owner's call-log sequence),
+  ``pinned`` ("1" for a call that cannot move: its caller's connection, a phone line, lives on the
+  owner, so when the owner dies nobody can take the call over; it is ended instead).
 - ``call-epoch:{<call_id>}``: an INCR counter; every ownership change takes the next epoch.
 
 Every write by an owner names its epoch and happens in a Lua script that first checks the hash
@@ -73,14 +75,15 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS[1] = call hash, KEYS[2] = epoch counter.
-# ARGV = me, lease_ms, tenant_id, expected_owner ('' = none), expected_epoch, record ttl ms.
+# ARGV = me, lease_ms, tenant_id, expected_owner ('' = none), expected_epoch, record ttl ms,
+# pinned ('1' or '0').
 # Returns {epoch} when claimed, {0, owner} when someone else holds a live lease, {-1} when the
 # call has ended.
 CLAIM_SCRIPT = (
     _NOW
     + """
 local me, lease, tenant = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local expected_owner, expected_epoch, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local expected_owner, expected_epoch, ttl, pinned = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local f = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'lease_until_ms', 'state')
 local owner, epoch, lease_until, state = f[1] or '', f[2] or '0', tonumber(f[3] or '0'), f[4]
 if state == 'ended' then
@@ -98,7 +101,7 @@ if new_epoch <= tonumber(epoch) then
     redis.call('SET', KEYS[2], new_epoch)
 end
 redis.call('HSET', KEYS[1], 'owner', me, 'epoch', new_epoch, 'lease_until_ms', now + lease,
-    'state', 'starting', 'tenant_id', tenant)
+    'state', 'starting', 'tenant_id', tenant, 'pinned', pinned)
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 return {new_epoch}
@@ -177,16 +180,18 @@ return 1
 """
 )
 
-# KEYS[1] = call hash. Returns {fields..., now_ms}.
+# KEYS[1] = call hash. Returns {fields..., now_ms, pinned}.
 LOOKUP_SCRIPT = (
     _NOW
     + """
 local f = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'lease_until_ms', 'state', 'tenant_id',
-    'conversation_ids', 'usage', 'seq')
+    'conversation_ids', 'usage', 'seq', 'pinned')
+local pinned = f[9] or ''
 for i = 1, 8 do
     if not f[i] then f[i] = '' end
 end
 f[9] = tostring(now)
+f[10] = pinned
 return f
 """
 )
@@ -221,6 +226,8 @@ class CallRecord:
     seq: int
     now_ms: int
     owner_alive: bool = False
+    # The call cannot move to another replica (a phone leg): never taken over, only ended.
+    pinned: bool = False
 
     @property
     def ended(self) -> bool:
@@ -244,9 +251,12 @@ class OwnedCall:
     conversation_ids: list[str] = field(default_factory=list)
     usage: dict[str, Any] = field(default_factory=dict)
     seq: int = 0
+    pinned: bool = False
 
     def fields(self) -> list[str]:
         return [
+            "pinned",
+            "1" if self.pinned else "0",
             "state",
             self.state,
             "tenant_id",
@@ -364,12 +374,14 @@ class ClusterRegistry:
         tenant_id: uuid.UUID | str,
         *,
         dead_owner: CallRecord | None = None,
+        pinned: bool = False,
     ) -> int | None:
         """Become the call's owner; returns the new epoch, or None if another replica holds it.
 
         ``dead_owner`` is the record the caller saw for an owner it found dead (no heartbeat, or
         nobody on its owner channel): the claim then succeeds if that owner and epoch are still
-        the current ones. Raises ``CallEndedInRegistry`` when the call has ended.
+        the current ones. Raises ``CallEndedInRegistry`` when the call has ended. ``pinned``
+        marks a call that must never be taken over (see the module docstring).
         """
         expected_owner, expected_epoch = "", ""
         if dead_owner is not None and dead_owner.owner:
@@ -385,6 +397,7 @@ class ClusterRegistry:
                     expected_owner,
                     expected_epoch,
                     RECORD_TTL_MS,
+                    "1" if pinned else "0",
                 ],
             ),
         )
@@ -491,7 +504,8 @@ def _int(text: str) -> int:
 
 def parse_record(call_id: uuid.UUID, values: list[str]) -> CallRecord | None:
     """A record from LOOKUP_SCRIPT's reply (pure); None when the call has no record."""
-    owner, epoch, lease_until, state, tenant, conversations, usage, seq, now = values
+    owner, epoch, lease_until, state, tenant, conversations, usage, seq, now = values[:9]
+    pinned = len(values) > 9 and values[9] == "1"
     if not epoch:
         return None
     conversation_ids = _json(conversations, [])
@@ -509,6 +523,7 @@ def parse_record(call_id: uuid.UUID, values: list[str]) -> CallRecord | None:
         usage=dict(usage_totals) if isinstance(usage_totals, Mapping) else {},
         seq=_int(seq),
         now_ms=_int(now),
+        pinned=pinned,
     )
 
 

@@ -6,7 +6,8 @@ stable error code; the payload builders produce exactly what each server → cli
 Server → client: ``call.ready`` {call_id, conversation_id, input_format, output_format, resumed};
 ``audio`` (binary); ``interruption`` {}; ``agent_response`` {text}; ``agent_response_correction``
 {original, corrected}; ``user_transcript`` {text}; ``client_tool_call`` {tool_name, tool_call_id,
-parameters}; ``call.ended`` {reason, code}; ``error`` {code, message}.
+parameters}; ``dtmf`` {digit} (a phone caller pressed a key; the agent got it as the user
+message ``dtmf_text(digit)``); ``call.ended`` {reason, code}; ``error`` {code, message}.
 
 Client → server: ``audio`` (binary, in the client's declared format); ``user_message`` {text};
 ``contextual_update`` {text}; ``user_activity``; ``client_tool_result`` {tool_call_id, result,
@@ -33,6 +34,7 @@ EV_AGENT_RESPONSE: Final = "agent_response"
 EV_AGENT_RESPONSE_CORRECTION: Final = "agent_response_correction"
 EV_USER_TRANSCRIPT: Final = "user_transcript"
 EV_CLIENT_TOOL_CALL: Final = "client_tool_call"
+EV_DTMF: Final = "dtmf"
 EV_ENDED: Final = "call.ended"
 EV_ERROR: Final = "error"
 # Client → server event names (``audio`` is both ways).
@@ -51,6 +53,7 @@ SERVER_EVENTS: Final = frozenset(
         EV_AGENT_RESPONSE_CORRECTION,
         EV_USER_TRANSCRIPT,
         EV_CLIENT_TOOL_CALL,
+        EV_DTMF,
         EV_ENDED,
         EV_ERROR,
     }
@@ -267,6 +270,16 @@ def client_tool_call(
     tool_name: str, tool_call_id: str, parameters: dict[str, Any]
 ) -> dict[str, Any]:
     return {"tool_name": tool_name, "tool_call_id": tool_call_id, "parameters": parameters}
+
+
+def dtmf(digit: str) -> dict[str, str]:
+    return {"digit": digit}
+
+
+def dtmf_text(digit: str) -> str:
+    """What the agent is told when the caller presses a key: a user turn it should answer (a
+    menu choice, a confirmation), so a ``user_message`` rather than a silent contextual update."""
+    return f"The caller pressed {digit} on the keypad."
 
 
 def _format_name(value: AudioFormat | str) -> str:

@@ -55,6 +55,10 @@ UPSTREAM_TIMEOUT: Final = CallEnd("upstream_unavailable", "upstream_timeout", "r
 UPSTREAM_UNAVAILABLE: Final = CallEnd("upstream_unavailable", "connect_failed", "relay", True)
 UPSTREAM_PROTOCOL_ERROR: Final = CallEnd("upstream_error", "protocol_violation", "relay", True)
 RELAY_ERROR: Final = CallEnd("relay_error", "internal_error", "relay", True)
+# A phone call the agent transferred to a number (Twilio <Dial>): it goes on without us.
+TRANSFERRED: Final = CallEnd("transferred", "transferred", "agent", False)
+# The replica carrying a call that cannot move (a phone leg) died; another replica ended it.
+OWNER_LOST: Final = CallEnd("relay_lost", "owner_crashed", "relay", True)
 
 # --- ElevenLabs error types (AsyncAPI ErrorType), by the close code they come with -------------
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import binascii
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Final, Literal, TypeAlias
 
@@ -67,6 +67,8 @@ class ConversationStarted:
 class AgentAudio:
     audio: bytes  # decoded, in ConversationStarted.agent_output_format
     event_id: int
+    # As received (base64): a peer in the same format gets it without re-encoding.
+    encoded: str = field(default="", repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +310,7 @@ class ElevenLabsProtocol:
             raise _Invalid("audio_base_64 is not base64") from None
         if not audio:
             return []
-        return [AgentAudio(audio, event_id)]
+        return [AgentAudio(audio, event_id, encoded)]
 
     def _on_interruption(self, message: _Message) -> list[UpstreamEvent]:
         event_id = _event_id(_payload(message, "interruption_event"))
@@ -406,6 +408,12 @@ class ElevenLabsProtocol:
         audio frame of that size is ≈4 µs).
         """
         return _AUDIO_PREFIX + binascii.b2a_base64(audio, newline=False).decode("ascii") + '"}'
+
+    @staticmethod
+    def user_audio_base64(encoded: str) -> str:
+        """``user_audio_chunk`` for audio that is already base64 (e.g. μ-law from Twilio, which
+        the agent takes as is): no decode and re-encode on the per-frame path."""
+        return _AUDIO_PREFIX + encoded + '"}'
 
     @staticmethod
     def user_message(text: str) -> str:

@@ -389,6 +389,10 @@ class PlaybackTracker:
         self.marks_echoed += 1
         return True
 
+    def discarded(self, nbytes: int) -> None:
+        """Agent audio dropped before it was sent (barge-in, a full queue): never heard."""
+        self.cut_off_bytes += nbytes
+
     def cleared(self) -> None:
         """The relay sent ``clear``: whatever Twilio had not played is cut off."""
         for name, nbytes in self._pending:

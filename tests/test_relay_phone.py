@@ -1,0 +1,328 @@
+"""Phone calls end to end: Twilio Media Streams (the emulated Twilio side, a real WebSocket with
+real message shapes and 20 ms pacing) → the relay's /twilio/stream → CallBridge → the emulated
+ElevenLabs agent, with the real control API, Redis and PostgreSQL.
+
+Phone calls are created like browser calls and then made phone calls in the database (direction,
+μ-law client format, metadata.twilio), as the voice webhook does. The emulated agent echoes the
+caller's voiced audio byte for byte when its formats are equal, which makes the checks exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+
+from control_api.bootstrap import NewTenant
+from tests.support.relay_stack import RelayStack, call_client, relay_stack
+from tests.support.tenants import auth
+from tests.test_relay_call import call_log, eventually
+from voicerelay.emulators.audio import parse_format, rms, tone
+from voicerelay.emulators.elevenlabs import EmulatedAgent
+from voicerelay.emulators.twilio_media import (
+    ULAW_SILENCE,
+    MediaStreamsCaller,
+    twilio_sid,
+)
+from voicerelay.settings import Settings
+
+ULAW = parse_format("ulaw_8000")
+PCM16 = parse_format("pcm_16000")
+
+
+@dataclass(frozen=True)
+class PhoneCall:
+    call_id: str
+    token: str
+    call_sid: str
+    account_sid: str
+
+    def caller(self, stack: RelayStack, **kwargs: Any) -> Any:
+        return MediaStreamsCaller.connect(
+            stream_url(stack),
+            custom_parameters={"token": self.token, "from": "+15550001111", "to": "+15550002222"},
+            call_sid=self.call_sid,
+            account_sid=self.account_sid,
+            **kwargs,
+        )
+
+
+def stream_url(stack: RelayStack) -> str:
+    return stack.relay_url.replace("http://", "ws://") + "/twilio/stream"
+
+
+async def make_phone_call(
+    stack: RelayStack,
+    api: httpx.AsyncClient,
+    tenant: NewTenant,
+    owner_conn: asyncpg.Connection,
+    agent_id: str,
+) -> PhoneCall:
+    """A call as the voice webhook creates it: phone_inbound, μ-law, Twilio ids in metadata."""
+    call = await stack.call(api, tenant, agent_id, client_audio_format="ulaw_8000")
+    call_sid, account_sid = twilio_sid("CA"), twilio_sid("AC")
+    twilio = {"call_sid": call_sid, "account_sid": account_sid, "from": "+15550001111"}
+    await owner_conn.execute(
+        "UPDATE calls SET direction = 'phone_inbound', client_audio_format = 'ulaw_8000',"
+        " metadata = metadata || jsonb_build_object('twilio', $2::jsonb) WHERE id = $1",
+        uuid.UUID(call["call_id"]),
+        json.dumps(twilio),
+    )
+    return PhoneCall(call["call_id"], call["token"], call_sid, account_sid)
+
+
+def ended_data(record: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = next(e for e in record["timeline"] if e["type"] == "ended")["data"]
+    return data
+
+
+def hangups_asked() -> float:
+    """Hang-up requests the relay made to the control API, whatever their outcome."""
+    results = ("completed", "already_ended", "skipped", "refused", "unreachable", "ok")
+    return sum(
+        REGISTRY.get_sample_value(
+            "voicerelay_relay_phone_control_requests_total", {"action": "hangup", "result": r}
+        )
+        or 0.0
+        for r in results
+    )
+
+
+async def latest_conversation(stack: RelayStack, agent_id: str) -> Any:
+    """The emulator's conversation for this test's agent (each test has its own agent)."""
+
+    def find() -> Any:
+        for conversation in stack.emulator_app.state.conversations:
+            if conversation.agent_id == agent_id:
+                return conversation
+        return None
+
+    return await eventually(find)
+
+
+async def el_agent(
+    stack: RelayStack, api: httpx.AsyncClient, tenant: NewTenant, emulated: EmulatedAgent
+) -> tuple[str, str]:
+    """(control API agent id, ElevenLabs agent id)."""
+    agent_id = await stack.agent(api, tenant, emulated)
+    r = await api.get(f"/v1/agents/{agent_id}", headers=auth(tenant))
+    return agent_id, r.json()["elevenlabs_agent_id"]
+
+
+@pytest.fixture(scope="module")
+async def stack(settings: Settings) -> AsyncIterator[RelayStack]:
+    async with relay_stack(settings) as running:
+        yield running
+
+
+@pytest.fixture
+async def api(stack: RelayStack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=10) as client:
+        yield client
+
+
+ULAW_AGENT = EmulatedAgent(
+    input_format="ulaw_8000", output_format="ulaw_8000", realtime=False, ping_interval_seconds=1
+)
+
+
+# --- full calls --------------------------------------------------------------------------------
+
+
+async def test_ulaw_passthrough_byte_exact_marks_and_caller_hangup(
+    stack: RelayStack, api: httpx.AsyncClient, tenant: NewTenant, owner_conn: asyncpg.Connection
+) -> None:
+    agent_id, el_id = await el_agent(stack, api, tenant, ULAW_AGENT)
+    phone = await make_phone_call(stack, api, tenant, owner_conn, agent_id)
+    spoken = tone(ULAW, 1.0)
+    async with phone.caller(stack) as caller:
+        # Spoken at once after start: the agent is not ready yet, so the relay holds it.
+        await caller.send_audio(spoken + ULAW_SILENCE * 6400)
+        heard = await caller.wait_for_audio(len(spoken), within=20)
+        assert heard == spoken  # both ways untouched
+        # Every mark the relay sent was echoed once its audio played.
+        marks = len(caller.events_of("mark"))
+        assert marks >= 1
+        await caller.wait_for(lambda: caller.stats.marks_echoed == marks, within=20)
+        conversation = await latest_conversation(stack, el_id)
+        assert conversation.audio_bytes_in == len(spoken) + 6400
+        await caller.stop()
+        await caller.wait_closed(within=15)
+        assert caller.close_code == 1000
+        assert not caller.events_of("clear")
+
+    record = await call_log(api, tenant, phone.call_id)
+    assert record["end_reason"] == "caller_hangup"
+    assert record["ended_by"] == "caller"
+    assert record["usage"]["bytes_in"] == len(spoken) + 6400
+    assert record["usage"]["bytes_out"] == len(spoken)
+    data = ended_data(record)
+    assert data["played_out_ms"] == len(spoken) // 8
+    assert data["cut_off_ms"] == 0
+    assert data["marks_sent"] == marks
+    assert data["marks_echoed"] == marks
+    types = [e["type"] for e in record["timeline"]]
+    for expected in ("connecting", "connected", "upstream_connected", "usage", "ended"):
+        assert expected in types
+
+
+async def test_pcm_agent_is_transcoded_both_ways(
+    stack: RelayStack, api: httpx.AsyncClient, tenant: NewTenant, owner_conn: asyncpg.Connection
+) -> None:
+    agent_id, el_id = await el_agent(
+        stack, api, tenant, EmulatedAgent(realtime=False, ping_interval_seconds=1)
+    )
+    phone = await make_phone_call(stack, api, tenant, owner_conn, agent_id)
+    spoken = tone(ULAW, 1.0)
+    async with phone.caller(stack) as caller:
+        await caller.send_audio(spoken + ULAW_SILENCE * 6400)
+        conversation = await latest_conversation(stack, el_id)
+        # The agent got PCM 16 kHz: twice the samples, two bytes each (less the resampler lag).
+        await eventually(lambda: conversation.audio_bytes_in >= 4 * (len(spoken) + 6400) - 2000)
+        await eventually(lambda: conversation.audio_bytes_out > 0)
+        # Its echo (PCM 16 kHz) came back as μ-law 8 kHz: a tone of the same energy and length.
+        await asyncio.sleep(0.5)
+        heard = caller.received_audio()
+        assert abs(len(heard) - len(spoken)) <= 8 * 80  # within 80 ms
+        assert rms(heard, ULAW) == pytest.approx(rms(spoken, ULAW), rel=0.1)
+        await caller.stop()
+        await caller.wait_closed(within=15)
+
+
+async def test_barge_in_clears_at_once_and_no_stale_audio_follows(
+    stack: RelayStack, api: httpx.AsyncClient, tenant: NewTenant, owner_conn: asyncpg.Connection
+) -> None:
+    # Real-time replies in 100 ms chunks, and the stale chunk an interruption leaves in flight.
+    talker = replace(ULAW_AGENT, realtime=True, stale_chunk_after_interruption=True)
+    agent_id, _ = await el_agent(stack, api, tenant, talker)
+    phone = await make_phone_call(stack, api, tenant, owner_conn, agent_id)
+    first = tone(ULAW, 3.0)
+    second = bytes(0x80 ^ b for b in tone(ULAW, 0.6))  # another voiced signal (phase-inverted)
+    async with phone.caller(stack) as caller:
+        await caller.send_audio(first + ULAW_SILENCE * 5600)
+        await caller.wait_for_audio(8 * 300, within=20)  # the agent is answering
+        await caller.send_audio(second + ULAW_SILENCE * 5600)  # talk over it
+        await caller.wait_for(lambda: bool(caller.events_of("clear")), within=20)
+        await caller.wait_for(lambda: len(audio_after_clear(caller)) >= len(second), within=20)
+        before, after = audio_before_clear(caller), audio_after_clear(caller)
+        assert len(caller.events_of("clear")) == 1
+        assert 0 < len(before) < len(first)
+        assert first.startswith(before)  # the first answer, cut short
+        assert after == second  # then only the answer to the barge-in: nothing stale
+        await caller.wait_for(
+            lambda: caller.stats.marks_echoed == len(caller.events_of("mark")), within=20
+        )
+        await caller.stop()
+
+    data = ended_data(await call_log(api, tenant, phone.call_id))
+    assert data["cut_off_ms"] > 0
+    assert data["played_out_ms"] >= len(second) // 8
+    # Everything sent was either heard or cut off (and some never left the relay's queue).
+    assert data["played_out_ms"] + data["cut_off_ms"] >= (len(before) + len(after)) // 8
+    assert data["marks_echoed"] == data["marks_sent"]
+
+
+def audio_before_clear(caller: Any) -> bytes:
+    out = []
+    for event in caller.events:
+        if event.kind == "clear":
+            break
+        if event.kind == "media":
+            out.append(event.payload)
+    return b"".join(out)
+
+
+def audio_after_clear(caller: Any) -> bytes:
+    kinds = [e.kind for e in caller.events]
+    if "clear" not in kinds:
+        return b""
+    start = kinds.index("clear")
+    return b"".join(e.payload for e in caller.events[start:] if e.kind == "media")
+
+
+async def test_dtmf_reaches_the_agent_and_a_monitor_who_hears_the_call(
+    stack: RelayStack, api: httpx.AsyncClient, tenant: NewTenant, owner_conn: asyncpg.Connection
+) -> None:
+    agent_id, el_id = await el_agent(stack, api, tenant, ULAW_AGENT)
+    phone = await make_phone_call(stack, api, tenant, owner_conn, agent_id)
+    spoken = tone(ULAW, 0.6)
+    async with phone.caller(stack) as caller:
+        conversation = await latest_conversation(stack, el_id)
+        monitor_token = (await stack.monitor_token(api, tenant, phone.call_id))["token"]
+        async with call_client(stack.relay_url, monitor_token) as monitor:
+            ready = await monitor.wait_for("call.ready")
+            assert ready["output_format"] == "ulaw_8000"
+            await caller.send_dtmf("5")
+            assert await monitor.wait_for("dtmf") == {"digit": "5"}
+            await eventually(
+                lambda: "The caller pressed 5 on the keypad." in conversation.user_messages
+            )
+            # The monitor hears both sides.
+            await caller.send_audio(spoken + ULAW_SILENCE * 5600)
+            await caller.wait_for_audio(len(spoken), within=20)
+            await eventually(lambda: len(monitor.audio(name="caller_audio")) >= len(spoken))
+            await eventually(lambda: spoken in monitor.audio())
+            await caller.stop()
+            ended = await monitor.wait_for("call.ended")
+            assert ended == {"reason": "caller_hangup", "code": "normal"}
+    record = await call_log(api, tenant, phone.call_id)
+    assert ended_data(record)["dtmf_digits"] == 1
+
+
+async def test_agent_ending_the_call_closes_the_stream_and_asks_for_a_hang_up(
+    stack: RelayStack, api: httpx.AsyncClient, tenant: NewTenant, owner_conn: asyncpg.Connection
+) -> None:
+    short = replace(ULAW_AGENT, max_duration_seconds=2.0)
+    agent_id, _ = await el_agent(stack, api, tenant, short)
+    phone = await make_phone_call(stack, api, tenant, owner_conn, agent_id)
+    asked = hangups_asked()
+    async with phone.caller(stack) as caller:
+        await caller.send_silence(0.5)
+        await caller.wait_closed(within=20)
+        assert caller.close_code == 1000
+        assert caller.close_reason == "max_duration"
+    record = await call_log(api, tenant, phone.call_id)
+    assert record["ended_by"] == "agent"
+    await eventually(lambda: hangups_asked() > asked)
+
+
+# --- drain -------------------------------------------------------------------------------------
+
+
+async def test_a_phone_call_on_a_draining_relay_finishes_in_place(
+    settings: Settings, owner_conn: asyncpg.Connection, tenant: NewTenant
+) -> None:
+    async with (
+        relay_stack(settings) as own,
+        httpx.AsyncClient(base_url=own.api_url, timeout=10) as api,
+    ):
+        agent_id, _ = await el_agent(own, api, tenant, ULAW_AGENT)
+        phone = await make_phone_call(own, api, tenant, owner_conn, agent_id)
+        later = await make_phone_call(own, api, tenant, owner_conn, agent_id)
+        spoken = tone(ULAW, 0.6)
+        async with phone.caller(own) as caller:
+            await caller.send_audio(spoken + ULAW_SILENCE * 5600)
+            await caller.wait_for_audio(len(spoken), within=20)
+            drain = asyncio.create_task(own.relay_app.drain())
+            await eventually(lambda: own.relay_app.runtime.drain.draining)
+            # New streams go elsewhere...
+            async with later.caller(own, handshake=False) as refused:
+                await refused.wait_closed(within=15)
+                assert (refused.close_code, refused.close_reason) == (4503, "draining")
+            # ...while this call goes on, and ends when its caller hangs up.
+            await caller.send_audio(spoken + ULAW_SILENCE * 5600)
+            await caller.wait_for_audio(2 * len(spoken), within=20)
+            assert caller.received_audio() == spoken + spoken
+            assert not drain.done()
+            await caller.stop()
+            await asyncio.wait_for(drain, 30)
+        record = await call_log(api, tenant, phone.call_id)
+        assert record["end_reason"] == "caller_hangup"
