@@ -27,7 +27,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from control_api.metrics import PoolStats
-from relay.metrics import TenantCalls
+from relay.metrics import PubSubListenerUp, TenantCalls
 from tests.support.promql import metric_names, read
 from tests.support.relay_stack import (
     ConnectRefused,
@@ -358,6 +358,22 @@ def test_tenant_calls_names_the_busiest_tenants_and_forgets_idle_ones() -> None:
     assert series() == {}
     calls.ended("never-started")  # an unmatched end must not go negative or raise
     assert series() == {}
+
+
+def test_pubsub_listener_up_is_absent_on_a_lone_replica_and_0_when_any_listener_is_down() -> None:
+    class Listener:
+        healthy = True
+
+    gauge = PubSubListenerUp()
+    assert list(gauge.collect()) == []
+    first, second = Listener(), Listener()
+    gauge.track(first)
+    gauge.track(second)
+    assert [s.value for f in gauge.collect() for s in f.samples] == [1.0]
+    second.healthy = False
+    assert [s.value for f in gauge.collect() for s in f.samples] == [0.0]
+    gauge.forget(second)  # a closed listener no longer counts
+    assert [s.value for f in gauge.collect() for s in f.samples] == [1.0]
 
 
 def test_pool_stats_are_absent_without_a_pool() -> None:
