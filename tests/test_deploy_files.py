@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -39,6 +40,7 @@ from tests.support.dockerfile import (
 )
 from tests.support.nginx_conf import Directive, parse_nginx
 from tests.support.ports import subprocess_port
+from voicerelay.serving import GRACEFUL_SHUTDOWN_SECONDS
 from voicerelay.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,11 +152,16 @@ def test_final_stage_carries_only_the_venv_and_the_health_check(name: str) -> No
     assert final.env()["PATH"].startswith(f"{venv}/bin:")
 
 
+def image_user(name: str) -> tuple[str, str]:
+    user = dockerfile(name)[-1].last("USER")
+    assert user is not None, f"Dockerfile.{name} runs as root"
+    uid, _, gid = user.body().partition(":")
+    return uid, gid
+
+
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_final_stage_runs_as_a_numeric_non_root_user(name: str) -> None:
-    user = dockerfile(name)[-1].last("USER")
-    assert user is not None
-    uid, _, gid = user.body().partition(":")
+    uid, gid = image_user(name)
     assert uid.isdigit(), "Kubernetes runAsNonRoot needs a numeric uid"
     assert int(uid) > 0
     assert not gid or (gid.isdigit() and int(gid) > 0)
@@ -697,3 +704,250 @@ def test_prometheus_scrapes_relays_and_api_with_the_alert_rules() -> None:
     assert jobs["control-api"]["static_configs"][0]["targets"] == ["api:8080"]
     services = compose_services()
     assert {"relay", "api"} <= set(services)
+
+
+# --- Kubernetes ------------------------------------------------------------------------------
+
+K8S = CONFIG / "k8s"
+# A release kubernetes-validate ships schemas for; strict: unknown fields are errors too.
+KUBERNETES_VERSION = "1.34.0"
+NOT_APPLIED = {"kustomization.yaml", "secret.example.yaml", "prometheus-adapter-rules.yaml"}
+AFFINITY_ANNOTATION = re.compile(r"affinity|session-cookie|upstream-hash-by|load-balance")
+ACTIVE_CALLS_METRIC = "voicerelay_relay_active_calls"
+
+
+def manifests() -> dict[str, list[dict]]:
+    """Every document of every YAML file in config/k8s, by file name."""
+    found: dict[str, list[dict]] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        found[path.name] = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return found
+
+
+def resource(kind: str, name: str) -> dict:
+    matches = [
+        doc
+        for docs in manifests().values()
+        for doc in docs
+        if doc.get("kind") == kind and doc["metadata"]["name"] == name
+    ]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def config_map() -> dict[str, str]:
+    return resource("ConfigMap", "voicerelay-config")["data"]
+
+
+def pod_specs() -> dict[str, dict]:
+    return {
+        name: resource(kind, name)["spec"]["template"]["spec"]
+        for kind, name in (
+            ("Deployment", "voicerelay-relay"),
+            ("Deployment", "voicerelay-api"),
+            ("Job", "voicerelay-migrate"),
+        )
+    }
+
+
+def only_container(spec: dict) -> dict:
+    assert len(spec["containers"]) == 1
+    return spec["containers"][0]
+
+
+def test_every_manifest_is_valid_for_kubernetes() -> None:
+    for file, documents in manifests().items():
+        if file == "kustomization.yaml":
+            continue
+        assert documents, f"{file} is empty"
+        for document in documents:
+            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_kustomization_applies_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    listed = set(kustomization["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - NOT_APPLIED
+    images = {image["name"] for image in kustomization["images"]}
+    used = {only_container(spec)["image"].partition(":")[0] for spec in pod_specs().values()}
+    assert used == images == {"voicerelay-relay", "voicerelay-api"}
+
+
+def test_images_are_ours_pinned_and_run_their_commands() -> None:
+    expected = {
+        "voicerelay-relay": ("voicerelay-relay", ["relay"], "relay"),
+        "voicerelay-api": ("voicerelay-api", ["api"], "api"),
+        "voicerelay-migrate": ("voicerelay-api", ["migrate"], None),
+    }
+    for name, spec in pod_specs().items():
+        container = only_container(spec)
+        image, _, tag = container["image"].partition(":")
+        wanted_image, args, dockerfile_name = expected[name]
+        assert image == wanted_image, name
+        assert tag, f"{name}: untagged image"
+        assert tag != "latest", f"{name}: {container['image']}"
+        assert container["args"] == args, name
+        if dockerfile_name is not None:
+            exposed = [
+                e.body()
+                for e in parse_dockerfile(IMAGES[dockerfile_name].read_text())[-1].all("EXPOSE")
+            ]
+            assert [str(p["containerPort"]) for p in container["ports"]] == exposed
+
+
+def test_pods_run_unprivileged_as_the_images_user() -> None:
+    uid = int(image_user("relay")[0])
+    assert all(image_user(name)[0] == str(uid) for name in IMAGES)
+    for name, spec in pod_specs().items():
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True, name
+        assert pod["runAsUser"] == uid, name
+        assert pod["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert spec["automountServiceAccountToken"] is False, name
+        container = only_container(spec)["securityContext"]
+        assert container["allowPrivilegeEscalation"] is False, name
+        assert container["readOnlyRootFilesystem"] is True, name
+        assert container["capabilities"]["drop"] == ["ALL"], name
+        resources = only_container(spec)["resources"]
+        assert resources["requests"]["cpu"], name
+        assert resources["limits"]["memory"], name
+
+
+def test_relay_drains_within_its_grace_period() -> None:
+    deployment = resource("Deployment", "voicerelay-relay")
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    spec = deployment["spec"]["template"]["spec"]
+    relay = only_container(spec)
+    assert relay["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert relay["livenessProbe"]["httpGet"]["path"] == "/health"
+    pause = relay["lifecycle"]["preStop"]["exec"]["command"]
+    assert pause[0] == "sleep"
+    assert int(pause[1]) >= 5, "the load balancers need a moment to stop routing here"
+    drain = float(config_map()["DRAIN_DEADLINE_SECONDS"])
+    # The grace period counts from the start of preStop: pause + drain must fit inside it.
+    assert spec["terminationGracePeriodSeconds"] > int(pause[1]) + drain
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0
+
+
+def test_relay_id_is_the_pod_name() -> None:
+    relay = only_container(pod_specs()["voicerelay-relay"])
+    relay_id = [e for e in relay["env"] if e["name"] == "RELAY_ID"]
+    assert relay_id[0]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_api_probes_and_grace_period() -> None:
+    spec = pod_specs()["voicerelay-api"]
+    api = only_container(spec)
+    assert api["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert api["livenessProbe"]["httpGet"]["path"] == "/health"
+    pause = int(api["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert spec["terminationGracePeriodSeconds"] > pause + GRACEFUL_SHUTDOWN_SECONDS
+
+
+def test_settings_come_from_the_config_map_and_secrets_by_name() -> None:
+    data = config_map()
+    assert set(data) <= SETTINGS, set(data) - SETTINGS
+    assert not [key for key in data if SECRET_NAME.search(key)], "secrets in the ConfigMap"
+    assert all(isinstance(value, str) for value in data.values())
+    secrets = {
+        (doc["metadata"]["name"], key): value
+        for doc in manifests()["secret.example.yaml"]
+        for key, value in doc["stringData"].items()
+    }
+    assert all(value == "" for value in secrets.values()), "the example must hold no value"
+    for name, spec in pod_specs().items():
+        container = only_container(spec)
+        assert container["envFrom"] == [{"configMapRef": {"name": "voicerelay-config"}}]
+        for variable in container["env"]:
+            assert variable["name"] in SETTINGS, f"{name}: {variable['name']}"
+            assert "value" not in variable, f"{name}: {variable['name']} is written inline"
+            reference = variable["valueFrom"].get("secretKeyRef")
+            if reference is not None:
+                assert (reference["name"], reference["key"]) in secrets, reference
+            elif SECRET_NAME.search(variable["name"]):
+                pytest.fail(f"{name}: {variable['name']} must come from a Secret")
+    relay_keys = {e["name"] for e in only_container(pod_specs()["voicerelay-relay"])["env"]}
+    assert "ENCRYPTION_KEYS" not in relay_keys, "only the API holds the vault keys"
+
+
+def test_migrations_are_a_job_applied_first() -> None:
+    job = resource("Job", "voicerelay-migrate")
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    for kind, name in (
+        ("Job", "voicerelay-migrate"),
+        ("Namespace", "voicerelay"),
+        ("ConfigMap", "voicerelay-config"),
+    ):
+        assert resource(kind, name)["metadata"]["labels"]["voicerelay/phase"] == "migrate"
+    env = only_container(job["spec"]["template"]["spec"])["env"]
+    assert [e["name"] for e in env] == ["MIGRATION_DATABASE_URL"]
+
+
+def test_services_have_no_session_affinity() -> None:
+    for name in ("voicerelay-relay", "voicerelay-api"):
+        service = resource("Service", name)
+        assert service["spec"].get("sessionAffinity", "None") == "None", name
+        assert service["spec"]["type"] == "ClusterIP"
+        labels = resource("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items()
+    budget = resource("PodDisruptionBudget", "voicerelay-relay")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "voicerelay-relay"
+    }
+
+
+def test_ingress_routes_websockets_without_affinity_and_with_call_timeouts() -> None:
+    ingress = resource("Ingress", "voicerelay")
+    annotations = ingress["metadata"]["annotations"]
+    assert not [key for key in annotations if AFFINITY_ANNOTATION.search(key)]
+    max_call = float(config_map()["MAX_CALL_DURATION_SECONDS"])
+    for key in ("proxy-read-timeout", "proxy-send-timeout"):
+        assert float(annotations[f"nginx.ingress.kubernetes.io/{key}"]) > max_call, key
+    routes = {
+        path["path"]: path["backend"]["service"]["name"]
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    }
+    assert routes == {
+        "/socket.io": "voicerelay-relay",
+        "/twilio/stream": "voicerelay-relay",
+        "/": "voicerelay-api",
+    }
+
+
+def test_hpa_scales_relays_on_cpu_and_active_calls_per_replica() -> None:
+    hpa = resource("HorizontalPodAutoscaler", "voicerelay-relay")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "voicerelay-relay",
+    }
+    assert hpa["spec"]["minReplicas"] >= 2
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert metrics["Resource"]["resource"]["name"] == "cpu"
+    assert metrics["Resource"]["resource"]["target"]["type"] == "Utilization"
+    calls = metrics["Pods"]["pods"]
+    assert calls["metric"]["name"] == ACTIVE_CALLS_METRIC
+    assert calls["target"]["type"] == "AverageValue"
+    assert int(calls["target"]["averageValue"]) > 0
+
+
+def test_prometheus_adapter_serves_the_hpa_metric() -> None:
+    (adapter,) = manifests()["prometheus-adapter-rules.yaml"]
+    rules = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    served = [r for r in rules if r["name"]["as"] == ACTIVE_CALLS_METRIC]
+    assert len(served) == 1
+    rule = served[0]
+    assert ACTIVE_CALLS_METRIC in rule["seriesQuery"]
+    assert re.fullmatch(rule["name"]["matches"], ACTIVE_CALLS_METRIC)
+    overrides = rule["resources"]["overrides"]
+    assert overrides["pod"] == {"resource": "pod"}
+    assert overrides["namespace"] == {"resource": "namespace"}
+    for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+        assert placeholder in rule["metricsQuery"]
+    # The relay really exports it.
+    assert f'"{ACTIVE_CALLS_METRIC}"' in (REPO / "relay" / "metrics.py").read_text()
