@@ -685,6 +685,8 @@ class CallBridge:
         encoded = event.encoded if audio is event.audio else ""
         phone.play(audio, encoded, received_at)
         self.frames_out += 1
+        if self.frames_out == 1:
+            metrics.FIRST_AGENT_AUDIO_SECONDS.observe(time.monotonic() - self.created_at)
         self.bytes_out += len(audio)
         _FRAMES_OUT.inc()
         _BYTES_OUT.inc(len(audio))
