@@ -87,6 +87,8 @@ class Endpoint:
     # ``body`` and ``query`` then only document it.
     raw_request: bool = False
     response_media_type: str = "application/json"
+    # Error statuses answered with something other than a problem document (e.g. TwiML).
+    error_media_types: dict[int, str] = field(default_factory=dict)
 
     def route(self) -> Route:
         return Route(self.path, self._asgi, methods=[self.method], name=self.handler.__name__)
@@ -279,6 +281,7 @@ class EndpointGroup:
         body_media_type: str = "application/json",
         raw_request: bool = False,
         response_media_type: str = "application/json",
+        error_media_types: dict[int, str] | None = None,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.endpoints.append(
@@ -299,6 +302,7 @@ class EndpointGroup:
                     body_media_type=body_media_type,
                     raw_request=raw_request,
                     response_media_type=response_media_type,
+                    error_media_types=error_media_types or {},
                 )
             )
             return handler

@@ -92,7 +92,12 @@ def build_openapi(
             codes |= {401, 403, 429}
             op["security"] = [{"bearer": []}]
         for code in sorted(codes):
-            op["responses"][str(code)] = problem
+            media = e.error_media_types.get(code)
+            op["responses"][str(code)] = (
+                {"description": "Refused", "content": {media: {"schema": {"type": "string"}}}}
+                if media
+                else problem
+            )
         paths.setdefault(path, {})[e.method.lower()] = op
 
     doc: dict[str, Any] = {

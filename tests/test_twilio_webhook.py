@@ -459,6 +459,7 @@ async def test_webhooks_are_documented_as_form_bodies(api: httpx.AsyncClient) ->
         operation = spec["paths"][path]["post"]
         assert "application/x-www-form-urlencoded" in operation["requestBody"]["content"]
         assert "text/xml" in operation["responses"]["200"]["content"]
+        assert "text/xml" in operation["responses"]["403"]["content"]
         assert "security" not in operation
     agent = spec["components"]["schemas"]["AgentCreate"]["properties"]
     assert "transfer_numbers" in agent

@@ -193,6 +193,7 @@ def _caller_detail(params: FormParams, name: str) -> str | None:
     raw_request=True,
     response_media_type=twiml.TWIML_MEDIA_TYPE,
     errors=[403, 413, 415, 429],
+    error_media_types={403: twiml.TWIML_MEDIA_TYPE},
 )
 async def twilio_voice(call: ApiCall[Any, Any]) -> Response:
     """Set this URL (``PUBLIC_API_URL`` + ``/v1/twilio/voice``, HTTP POST) as the phone number's
@@ -367,6 +368,7 @@ async def _create_call(conn: Conn, signed: _SignedRequest, agent: Any, call_sid:
     raw_request=True,
     response_media_type=twiml.TWIML_MEDIA_TYPE,
     errors=[403, 413, 415, 429, 503],
+    error_media_types={403: twiml.TWIML_MEDIA_TYPE},
 )
 async def twilio_status(call: ApiCall[Any, Any]) -> Response:
     """Set this URL as the phone number's call status callback in Twilio's console."""
