@@ -18,12 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
-from control_api.credential_store import (
-    CredentialNotFound,
-    CredentialUnreadable,
-    load_credential_secret,
-)
-from control_api.db import Conn, tenant_tx
+from control_api.agent_credentials import elevenlabs_key
+from control_api.db import tenant_tx
 from control_api.elevenlabs import (
     ConversationUrl,
     ElevenLabsAgentNotFound,
@@ -162,26 +158,6 @@ def _telephony(direction: str, metadata: dict[str, Any] | None) -> Telephony | N
     if not isinstance(call_sid, str) or not isinstance(account_sid, str):
         return None
     return Telephony(call_sid=call_sid, account_sid=account_sid)
-
-
-async def elevenlabs_key(
-    state: AppState, conn: Conn, tenant_id: uuid.UUID, credential_id: uuid.UUID
-) -> str:
-    vault = state.require_vault()
-    try:
-        provider, secret = await load_credential_secret(conn, tenant_id, credential_id, vault=vault)
-    except CredentialNotFound:
-        raise Problem(409, "credential_unusable", "The agent's credential is missing.") from None
-    except CredentialUnreadable:
-        raise Problem(
-            500, "credential_unreadable", "The agent's credential could not be decrypted."
-        ) from None
-    key = secret.get("api_key") if provider == "elevenlabs" else None
-    if not isinstance(key, str) or not key:
-        raise Problem(
-            409, "credential_unusable", "The agent's credential is not an ElevenLabs API key."
-        )
-    return key
 
 
 async def _upstream_url(

@@ -155,7 +155,9 @@ async def _verify(
         raise _forbidden(event, reason, account_sid=account_sid, **context)
     url = public_request_url(state.settings.public_api_url, call.request)
     if not signature_is_valid(url, params, signature, [a.auth_token for a in accounts]):
-        raise _forbidden(event, "invalid X-Twilio-Signature", url=url, **context)
+        # The path only: a query string may carry something its owner considers secret.
+        path = url.split("?", 1)[0]
+        raise _forbidden(event, "invalid X-Twilio-Signature", url=path, **context)
     tenant_id_var.set(str(tenant_id))
     return _SignedRequest(tenant_id, account_sid, params)
 

@@ -16,6 +16,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from control_api.agent_credentials import elevenlabs_key
 from control_api.db import Conn, tenant_tx
 from control_api.elevenlabs import ConversationUrl, fetch_signed_url
 from control_api.vault import Sealed, Vault, VaultError
@@ -41,8 +42,6 @@ async def prefetch_upstream_url(
     credential_id: uuid.UUID,
 ) -> None:
     """Fetch and store the call's signed URL; never raises (the session endpoint falls back)."""
-    from control_api.call_sessions import elevenlabs_key
-
     context = {"call_id": str(call_id)}
     try:
         vault = state.require_vault()
