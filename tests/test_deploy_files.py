@@ -348,7 +348,7 @@ def replay_build(name: str, scratch: Path, *, offline: bool) -> ReplayedImage:
 
 
 @pytest.fixture(scope="module")
-def replayed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ReplayedImage]:
+def replayed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ReplayedImage]]:
     """Both images, built from uv's cache (no network) when it holds everything, as it does
     after `make install`; otherwise the same steps again with the network."""
     images: dict[str, ReplayedImage] = {}
@@ -359,7 +359,10 @@ def replayed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ReplayedImag
             # A cache missing something ("the network was disabled"); a real failure fails
             # again here, with its own message.
             images[name] = replay_build(name, tmp_path_factory.mktemp(name), offline=False)
-    return images
+    yield images
+    # Two venvs of ~250 MB each: not worth keeping among pytest's last three runs.
+    for image in images.values():
+        shutil.rmtree(image.image.root.parent, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -416,6 +419,7 @@ def stop(process: subprocess.Popen[str]) -> str:
     return stderr
 
 
+@pytest.mark.slow
 def test_replayed_venv_is_a_regular_install_with_uvloop(
     replayed: dict[str, ReplayedImage],
 ) -> None:
