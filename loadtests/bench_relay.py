@@ -1,19 +1,25 @@
 """`make bench`: the relay's CPU per call-minute, added latency and memory per call, next to a
 plain `websockets` relay (the floor), measured in one run on one machine.
 
-    python -m loadtests.bench_relay [--calls 50 --calls 100] [--seconds 30] [--json out.json]
+    python -m loadtests.bench_relay [--calls 50 --calls 100] [--replicas 1 --replicas 3]
+                                    [--seconds 30] [--json out.json]
 
-For each step (number of concurrent calls) and each setup (floor, voicerelay), it starts a fresh
-relay process, connects that many callers (load-generator processes, see bench_callers.py), has
-each stream 20 ms PCM16 16 kHz frames in real time through the relay to the ElevenLabs
-emulator's echo agent, and measures:
+For each step (number of concurrent calls) and each setup (the floor; voicerelay with 1 and with
+3 replicas), it starts fresh relay processes, connects that many callers (load-generator
+processes, see bench_callers.py; dealt round-robin over the replicas, as by a balancer without
+affinity), has each stream 20 ms PCM16 16 kHz frames in real time through the relay to the
+ElevenLabs emulator's echo agent, and measures:
 
-- CPU: the relay process' user+system seconds over the steady-state window (after the calls
-  are up and a warm-up), per call-minute of audio carried.
+- CPU: the relay processes' user+system seconds over the steady-state window (after the calls
+  are up and a warm-up), summed over replicas, per call-minute of audio carried.
 - Added latency: the round trip of each frame through the relay (caller -> relay -> agent echo
   -> relay -> caller) minus the round trip of probe calls that talk to the emulator directly at
   the same time (same machine load), at p50 and p99.
-- Memory: the relay process' peak RSS during the step minus its RSS before the calls, per call.
+- Memory: the relay processes' peak RSS (summed over replicas) during the step minus their RSS
+  before the calls, per call.
+- Phone calls (voicerelay only, when the control API has the Twilio voice webhook): during the
+  warm-up, N/10 calls come in as Twilio places them (bench_phone.py), and the time from their
+  Media Stream's ``start`` to the agent's first audio is measured (p50/p99).
 
 Everything runs on loopback and is stopped at the end; nothing here is a test (machines are
 noisy): read ratios measured in the same run.
@@ -39,6 +45,7 @@ import httpx
 import psutil  # type: ignore[import-untyped]
 
 from loadtests.bench_audio import percentile
+from loadtests.bench_phone import PhoneResults, phone_probes
 from loadtests.bench_stack import (
     BenchStack,
     ServiceProcess,
@@ -68,6 +75,8 @@ class Options:
     talk_ms: int
     probes: int | None
     connect_timeout: float
+    replicas: list[int] = field(default_factory=lambda: [1])
+    phone_calls: int | None = None
 
     @property
     def talk_frames(self) -> int:
@@ -84,6 +93,7 @@ class Options:
 class Measurement:
     setup: str
     calls: int
+    replicas: int = 1
     connected: int = 0
     window_seconds: float = 0.0
     cpu_seconds: float = 0.0
@@ -103,6 +113,10 @@ class Measurement:
     other_cpu_percent: dict[str, float] = field(default_factory=dict)
     # voicerelay's own /metrics after the step: time inside the relay (bucket bounds) and drops.
     relay_metrics: dict[str, float] = field(default_factory=dict)
+    # Phone calls placed during the warm-up: Twilio ``start`` -> first agent audio.
+    phone_calls: int = 0
+    phone_first_audio_p50_ms: float = math.nan
+    phone_first_audio_p99_ms: float = math.nan
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -163,25 +177,26 @@ def _rss(process: psutil.Process) -> int:
 
 
 async def _targets(
-    stack: BenchStack, server: ServiceProcess, setup: str, calls: int, probes: int
+    stack: BenchStack, servers: list[ServiceProcess], setup: str, calls: int, probes: int
 ) -> list[dict[str, Any]]:
     gate = asyncio.Semaphore(10)
     async with httpx.AsyncClient(timeout=30) as http:
 
-        async def relay_target() -> dict[str, Any]:
+        async def relay_target(index: int) -> dict[str, Any]:
             async with gate:
                 token = await stack.call_token(http)
-            # The relay process of this step, not the API's RELAY_PUBLIC_URL (one relay for all).
-            return {"kind": "relay", "url": server.url, "token": token["token"]}
+            # The relay processes of this step, not the API's RELAY_PUBLIC_URL; round-robin.
+            url = servers[index % len(servers)].url
+            return {"kind": "relay", "url": url, "token": token["token"]}
 
         async def direct_target() -> dict[str, Any]:
             async with gate:
                 return {"kind": "direct", "url": await stack.signed_url(http)}
 
         if setup == VOICERELAY:
-            targets = list(await asyncio.gather(*(relay_target() for _ in range(calls))))
+            targets = list(await asyncio.gather(*(relay_target(i) for i in range(calls))))
         else:
-            floor_url = server.url.replace("http://", "ws://") + "/"
+            floor_url = servers[0].url.replace("http://", "ws://") + "/"
             targets = [{"kind": "floor", "url": floor_url} for _ in range(calls)]
         targets += await asyncio.gather(*(direct_target() for _ in range(probes)))
     return targets
@@ -240,26 +255,30 @@ def _bucket_quantile(buckets: list[tuple[float, float]], fraction: float) -> flo
     return math.nan
 
 
-async def _relay_metrics(url: str) -> dict[str, float]:
+async def _relay_metrics(urls: list[str]) -> dict[str, float]:
+    """Summed over the replicas: drop counters and the added-latency histogram."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    try:
-        async with httpx.AsyncClient(timeout=10) as http:
-            text = (await http.get(f"{url}/metrics")).text
-    except httpx.HTTPError:
-        return {}
     found: dict[str, float] = {}
-    buckets: list[tuple[float, float]] = []
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "voicerelay_relay_added_latency_seconds_bucket":
-                buckets.append((float(sample.labels["le"]), sample.value))
-            elif sample.name in (
-                "voicerelay_relay_client_queue_dropped_total",
-                "voicerelay_relay_stale_audio_dropped_total",
-            ):
-                found[sample.name.removeprefix("voicerelay_relay_")] = sample.value
-    buckets.sort()
+    by_bound: dict[float, float] = {}
+    async with httpx.AsyncClient(timeout=10) as http:
+        for url in urls:
+            try:
+                text = (await http.get(f"{url}/metrics")).text
+            except httpx.HTTPError:
+                return {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "voicerelay_relay_added_latency_seconds_bucket":
+                        bound = float(sample.labels["le"])
+                        by_bound[bound] = by_bound.get(bound, 0.0) + sample.value
+                    elif sample.name in (
+                        "voicerelay_relay_client_queue_dropped_total",
+                        "voicerelay_relay_stale_audio_dropped_total",
+                    ):
+                        name = sample.name.removeprefix("voicerelay_relay_")
+                        found[name] = found.get(name, 0.0) + sample.value
+    buckets = sorted(by_bound.items())
     found["inside_p50_ms_at_most"] = _bucket_quantile(buckets, 0.5) * 1000
     found["inside_p99_ms_at_most"] = _bucket_quantile(buckets, 0.99) * 1000
     return found
@@ -275,19 +294,45 @@ def _others(stack: BenchStack, generators: list[Generator]) -> dict[str, psutil.
     return found
 
 
-async def _sample_rss(process: psutil.Process, until: float, peak: list[int]) -> None:
+def _total_cpu(processes: list[psutil.Process]) -> float:
+    return sum(_cpu_seconds(p) for p in processes)
+
+
+def _total_rss(processes: list[psutil.Process]) -> int:
+    return sum(_rss(p) for p in processes)
+
+
+async def _sample_rss(processes: list[psutil.Process], until: float, peak: list[int]) -> None:
     while time.time() < until:
-        peak[0] = max(peak[0], _rss(process))
+        peak[0] = max(peak[0], _total_rss(processes))
         await asyncio.sleep(0.2)
 
 
+def _phone_count(options: Options, calls: int) -> int:
+    return options.phone_calls if options.phone_calls is not None else max(2, calls // 10)
+
+
+async def _phone_during_warmup(
+    stack: BenchStack, servers: list[ServiceProcess], options: Options, calls: int, at: float
+) -> PhoneResults:
+    await asyncio.sleep(max(0.0, at - time.time()))
+    assert stack.phone is not None
+    return await phone_probes(
+        stack.phone,
+        [s.url for s in servers],
+        _phone_count(options, calls),
+        spread=options.warmup * 0.8,
+        within=options.connect_timeout,
+    )
+
+
 async def _measure(
-    stack: BenchStack, server: ServiceProcess, setup: str, calls: int, options: Options
+    stack: BenchStack, servers: list[ServiceProcess], setup: str, calls: int, options: Options
 ) -> Measurement:
-    result = Measurement(setup=setup, calls=calls)
-    watched = psutil.Process(server.pid)
+    result = Measurement(setup=setup, calls=calls, replicas=len(servers))
+    watched = [psutil.Process(server.pid) for server in servers]
     probes = options.probes if options.probes is not None else max(2, calls // 10)
-    targets = await _targets(stack, server, setup, calls, probes)
+    targets = await _targets(stack, servers, setup, calls, probes)
     count = max(1, min(options.generators, len(targets)))
     generators = [await Generator.start(stack.logs / f"generator-{i}.log") for i in range(count)]
     try:
@@ -306,7 +351,7 @@ async def _measure(
             connected = await generator.receive(connect_budget)
             result.connected += connected["ok"].get(measured_kind, 0)
             result.errors += connected["errors"]
-        result.rss_before_bytes = _rss(watched)
+        result.rss_before_bytes = _total_rss(watched)
 
         start_at = time.time() + START_DELAY_SECONDS
         measure_from = start_at + options.warmup
@@ -314,20 +359,32 @@ async def _measure(
         go = {"start_at": start_at, "measure_from": measure_from, "measure_until": measure_until}
         for generator in generators:
             await generator.send(go)
+        phone: asyncio.Task[PhoneResults] | None = None
+        if setup == VOICERELAY and stack.phone is not None and _phone_count(options, calls):
+            phone = asyncio.create_task(
+                _phone_during_warmup(stack, servers, options, calls, start_at)
+            )
         peak = [result.rss_before_bytes]
         sampler = asyncio.create_task(_sample_rss(watched, measure_until + 1, peak))
         await asyncio.sleep(max(0.0, measure_from - time.time()))
         others = _others(stack, generators)
         others_before = {name: _cpu_seconds(p) for name, p in others.items()}
-        cpu_before, began = _cpu_seconds(watched), time.monotonic()
+        cpu_before, began = _total_cpu(watched), time.monotonic()
         await asyncio.sleep(max(0.0, measure_until - time.time()))
-        cpu_after, ended = _cpu_seconds(watched), time.monotonic()
+        cpu_after, ended = _total_cpu(watched), time.monotonic()
         for name, process in others.items():
             used = _cpu_seconds(process) - others_before[name]
             result.other_cpu_percent[name] = round(100 * used / (ended - began), 1)
         await sampler
         if setup == VOICERELAY:
-            result.relay_metrics = await _relay_metrics(server.url)
+            result.relay_metrics = await _relay_metrics([s.url for s in servers])
+        if phone is not None:
+            answered = await phone
+            answered.first_audio_ms.sort()
+            result.phone_calls = len(answered.first_audio_ms)
+            result.phone_first_audio_p50_ms = percentile(answered.first_audio_ms, 0.5)
+            result.phone_first_audio_p99_ms = percentile(answered.first_audio_ms, 0.99)
+            result.errors += answered.errors
         result.cpu_seconds = cpu_after - cpu_before
         result.window_seconds = ended - began
         result.rss_peak_bytes = peak[0]
@@ -352,21 +409,28 @@ async def _measure(
     return result
 
 
-def measure(stack: BenchStack, setup: str, calls: int, options: Options) -> Measurement:
+def measure(
+    stack: BenchStack, setup: str, calls: int, options: Options, replicas: int = 1
+) -> Measurement:
+    servers: list[ServiceProcess] = []
     try:
         if setup == VOICERELAY:
             command = relay_command()
             assert command is not None
-            server = stack.start_relay(command)
+            for index in range(replicas):
+                servers.append(stack.start_relay(command, f"bench-relay-{index + 1}"))
         else:
-            server = stack.start_floor()
+            servers.append(stack.start_floor())
     except StackError as exc:
-        return Measurement(setup=setup, calls=calls, errors=[str(exc)])
+        for server in servers:
+            server.stop()
+        return Measurement(setup=setup, calls=calls, replicas=replicas, errors=[str(exc)])
     try:
         time.sleep(1.0)  # let start-up work (imports, first connections) settle out of the baseline
-        return asyncio.run(_measure(stack, server, setup, calls, options))
+        return asyncio.run(_measure(stack, servers, setup, calls, options))
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
 
 
 # --- Report -----------------------------------------------------------------------------------
@@ -390,6 +454,7 @@ def table(measurements: list[Measurement]) -> str:
     floors = {m.calls: m for m in measurements if m.setup == FLOOR}
     header = (
         "setup",
+        "replicas",
         "calls",
         "CPU s per call-minute",
         "added latency p50",
@@ -405,6 +470,7 @@ def table(measurements: list[Measurement]) -> str:
         rows.append(
             (
                 m.setup,
+                str(m.replicas),
                 f"{m.connected}/{m.calls}",
                 "—" if math.isnan(m.cpu_per_call_minute) else f"{m.cpu_per_call_minute:.3f}",
                 _ms(m.added_p50_ms),
@@ -418,12 +484,34 @@ def table(measurements: list[Measurement]) -> str:
     return markdown_table(rows)
 
 
+def _label(m: Measurement) -> str:
+    return m.setup if m.setup == FLOOR else f"{m.setup} x{m.replicas}"
+
+
+def phone_table(measurements: list[Measurement]) -> str:
+    """Twilio ``start`` -> first agent audio, next to the browser load it ran under."""
+    rows = [("setup", "replicas", "browser calls", "phone calls", "start → first audio p50", "p99")]
+    for m in measurements:
+        if m.setup == VOICERELAY and m.phone_calls:
+            rows.append(
+                (
+                    m.setup,
+                    str(m.replicas),
+                    str(m.connected),
+                    str(m.phone_calls),
+                    _ms(m.phone_first_audio_p50_ms),
+                    _ms(m.phone_first_audio_p99_ms),
+                )
+            )
+    return markdown_table(rows) if len(rows) > 1 else ""
+
+
 def round_trips(measurements: list[Measurement]) -> str:
     lines = ["Round trips (through the relay / straight to the emulator, same moment):"]
     for m in measurements:
         lines.append(
-            f"  {m.setup:<10} {m.calls:>4} calls: p50 {_ms(m.rtt_p50_ms)} / {_ms(m.direct_p50_ms)},"
-            f" p99 {_ms(m.rtt_p99_ms)} / {_ms(m.direct_p99_ms)}"
+            f"  {_label(m):<13} {m.calls:>4} calls: p50 {_ms(m.rtt_p50_ms)}"
+            f" / {_ms(m.direct_p50_ms)}, p99 {_ms(m.rtt_p99_ms)} / {_ms(m.direct_p99_ms)}"
         )
     return "\n".join(lines)
 
@@ -433,7 +521,7 @@ def machine_load(measurements: list[Measurement]) -> str:
     for m in measurements:
         used = ", ".join(f"{name} {pct:.0f}%" for name, pct in m.other_cpu_percent.items())
         relay_pct = 100 * m.cpu_seconds / m.window_seconds if m.window_seconds else math.nan
-        lines.append(f"  {m.setup:<10} {m.calls:>4} calls: relay {relay_pct:.0f}%, {used}")
+        lines.append(f"  {_label(m):<13} {m.calls:>4} calls: relay {relay_pct:.0f}%, {used}")
     return "\n".join(lines)
 
 
@@ -479,7 +567,16 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     )
     parser.add_argument("--connect-timeout", type=float, default=30.0)
     parser.add_argument(
-        "--replicas", type=int, default=1, help="Relay replicas (only 1 until issue 4)."
+        "--replicas",
+        type=int,
+        action="append",
+        help="Relay replicas of a voicerelay setup; repeatable (default: 1 and 3).",
+    )
+    parser.add_argument(
+        "--phone-calls",
+        type=int,
+        default=None,
+        help="Phone calls placed during each voicerelay warm-up (default N/10; 0: none).",
     )
     parser.add_argument(
         "--setups", default=f"{FLOOR},{VOICERELAY}", help="Comma-separated: floor, voicerelay."
@@ -487,8 +584,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     parser.add_argument("--logs", type=Path, default=None, help="Keep service logs here.")
     args = parser.parse_args(argv)
-    if args.replicas != 1:
-        parser.error("only --replicas 1 is supported until the relay runs as several replicas")
+    replicas = args.replicas or [1, 3]
+    if min(replicas) < 1 or (args.phone_calls is not None and args.phone_calls < 0):
+        parser.error("--replicas >= 1 and --phone-calls >= 0")
     if args.seconds <= 0 or args.warmup < 0 or args.generators < 1 or args.frame_ms < 10:
         parser.error("--seconds > 0, --warmup >= 0, --generators >= 1, --frame-ms >= 10")
     options = Options(
@@ -500,17 +598,25 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         talk_ms=args.talk_ms,
         probes=args.probes,
         connect_timeout=args.connect_timeout,
+        replicas=replicas,
+        phone_calls=args.phone_calls,
     )
     return options, args
 
 
-def run_benchmark(options: Options, setups: list[str], logs: Path) -> list[Measurement]:
+def run_benchmark(
+    options: Options, setups: list[str], logs: Path, notes: list[str]
+) -> list[Measurement]:
     measurements: list[Measurement] = []
     with bench_stack(logs, frame_ms=options.frame_ms, talk_frames=options.talk_frames) as stack:
+        if VOICERELAY in setups and stack.phone is None:
+            notes.append("phone calls: not measured, the control API has no Twilio voice webhook")
         for calls in options.steps:
             for setup in setups:
-                print(f"… {setup}, {calls} calls", file=sys.stderr, flush=True)
-                measurements.append(measure(stack, setup, calls, options))
+                for replicas in options.replicas if setup == VOICERELAY else [1]:
+                    shown = f"{setup} x{replicas}" if setup == VOICERELAY else setup
+                    print(f"… {shown}, {calls} calls", file=sys.stderr, flush=True)
+                    measurements.append(measure(stack, setup, calls, options, replicas))
     return measurements
 
 
@@ -527,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as cleanup:
         logs = args.logs or Path(cleanup.enter_context(tempfile.TemporaryDirectory()))
         logs.mkdir(parents=True, exist_ok=True)
-        measurements = run_benchmark(options, setups, logs)
+        measurements = run_benchmark(options, setups, logs, notes)
     info = machine()
     print()
     print(
@@ -537,13 +643,18 @@ def main(argv: list[str] | None = None) -> int:
         f" {options.frame_ms} ms PCM16 16 kHz frames in real time"
     )
     print(table(measurements))
+    phones = phone_table(measurements)
+    if phones:
+        print()
+        print("Phone calls (Twilio Media Streams), placed during each warm-up:")
+        print(phones)
     print(round_trips(measurements))
     print(machine_load(measurements))
     for m in measurements:
         if m.relay_metrics:
             rm = m.relay_metrics
             print(
-                f"voicerelay's /metrics, {m.calls} calls: time inside the relay p50"
+                f"voicerelay's /metrics, {_label(m)}, {m.calls} calls: time inside the relay p50"
                 f" <= {_ms(rm.get('inside_p50_ms_at_most', math.nan))},"
                 f" p99 <= {_ms(rm.get('inside_p99_ms_at_most', math.nan))};"
                 f" audio dropped for slow clients {rm.get('client_queue_dropped_total', 0):.0f},"
@@ -552,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in measurements:
         if m.lost_fraction > FELL_BEHIND_LOST:
             print(
-                f"{m.setup} {m.calls} calls fell behind real time: {m.lost_fraction:.0%} of the"
+                f"{_label(m)} {m.calls} calls fell behind real time: {m.lost_fraction:.0%} of the"
                 " echoed frames did not come back before the end of the run, so its CPU figure"
                 " covers only the audio it managed to carry."
             )
@@ -560,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         print(note)
     for m in measurements:
         for error in sorted(set(m.errors))[:5]:
-            print(f"{m.setup} {m.calls} calls: {error}")
+            print(f"{_label(m)} {m.calls} calls: {error}")
     if args.json is not None:
         args.json.write_text(
             json.dumps(

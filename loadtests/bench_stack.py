@@ -25,12 +25,16 @@ from typing import Any
 import asyncpg
 import httpx
 
+from loadtests.bench_phone import VOICE_WEBHOOK, PhoneLine
+from loadtests.provision import create_greeting_agent, store_twilio_credential
 from voicerelay.devstack import bootstrap_database, generate_secrets
 from voicerelay.emulators.elevenlabs import DEFAULT_API_KEY
 from voicerelay.settings import Settings
 
 # The emulator answers every agent id; this one names the benchmark's agent in call logs.
 AGENT_ID = "agent_bench_echo"
+# The phone agent (the same emulated agent) greets callers, so their first audio can be timed.
+PHONE_GREETING = "Hello, you are through to the benchmark."
 AUDIO_FORMAT = "pcm_16000"
 # Limits that would otherwise refuse a benchmark's worth of calls from one address.
 _BENCH_SETTINGS = {
@@ -202,6 +206,8 @@ class BenchStack:
     api: ServiceProcess | None = None
     api_key: str = ""
     agent_id: str = ""
+    # Phone calls (None when this control API has no Twilio support): see bench_phone.py.
+    phone: PhoneLine | None = None
     _stop_services: list[Any] = field(default_factory=list)
 
     @property
@@ -209,11 +215,17 @@ class BenchStack:
         assert self.emulator is not None
         return self.emulator.url
 
-    def start_relay(self, command: list[str]) -> ServiceProcess:
+    def start_relay(self, command: list[str], relay_id: str = "bench-relay") -> ServiceProcess:
+        """One replica; several run side by side with distinct ``relay_id``s."""
         port = free_port()
-        env = dict(self.env, RELAY_PORT=str(port), RELAY_PUBLIC_URL=f"ws://127.0.0.1:{port}")
+        env = dict(
+            self.env,
+            RELAY_ID=relay_id,
+            RELAY_PORT=str(port),
+            RELAY_PUBLIC_URL=f"ws://127.0.0.1:{port}",
+        )
         return start_service(
-            "relay", command, env=env, port=port, logs=self.logs, ready_path="/ready"
+            relay_id, command, env=env, port=port, logs=self.logs, ready_path="/ready"
         )
 
     def start_floor(self) -> ServiceProcess:
@@ -292,6 +304,26 @@ async def _provision_tenant(stack: BenchStack) -> None:
         if agent.status_code != 201:
             raise StackError(f"could not create the agent: {agent.text}")
         stack.agent_id = agent.json()["id"]
+        stack.phone = await _provision_phone(http, stack.api.url, credential.json()["id"])
+
+
+async def _provision_phone(
+    http: httpx.AsyncClient, api_url: str, credential_id: str
+) -> PhoneLine | None:
+    """A Twilio credential and a greeting agent with a phone number; None when this control
+    API does not know Twilio credentials or phone webhooks yet."""
+    paths = (await http.get("/openapi.json")).json().get("paths", {})
+    if VOICE_WEBHOOK not in paths:
+        return None
+    account_sid, auth_token = await store_twilio_credential(http, "bench")
+    _, number = await create_greeting_agent(
+        http,
+        name="bench phone",
+        elevenlabs_agent_id=AGENT_ID,
+        credential_id=credential_id,
+        greeting=PHONE_GREETING,
+    )
+    return PhoneLine(api_url, number, account_sid, auth_token)
 
 
 async def _drop_database(admin_dsn: str, database: str) -> None:

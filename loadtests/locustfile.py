@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import sys
 import time
 from typing import Any
@@ -31,14 +30,7 @@ from loadtests.browser_caller import BrowserCall
 from loadtests.call_report import CallOptions, Report
 from loadtests.load_target import LoadTarget, TargetError, target_from_env
 from loadtests.phone_caller import PhoneCall
-from loadtests.twilio_webhook import (
-    SIGNATURE_HEADER,
-    CallRefused,
-    inbound_call_form,
-    parse_connect_stream,
-    signature,
-)
-from voicerelay.emulators.twilio_media import twilio_sid
+from loadtests.twilio_webhook import CallRefused, parse_connect_stream, signed_inbound_call
 
 log = logging.getLogger("loadtests")
 
@@ -156,16 +148,14 @@ class PhoneCaller(HttpUser):
         phone = _target().phone
         if phone is None or _State.phone_skipped is not None:
             raise StopUser
-        call_sid = twilio_sid("CA")
-        form = inbound_call_form(
+        call = signed_inbound_call(
             account_sid=phone.account_sid,
-            call_sid=call_sid,
-            from_number=f"+1202555{secrets.randbelow(10_000):04d}",
+            auth_token=phone.auth_token,
+            voice_url=phone.voice_url,
             to_number=phone.number,
         )
-        headers = {SIGNATURE_HEADER: signature(phone.auth_token, phone.voice_url, form)}
         with self.client.post(
-            VOICE_WEBHOOK, data=form, headers=headers, catch_response=True
+            VOICE_WEBHOOK, data=call.form, headers=call.headers, catch_response=True
         ) as answer:
             if answer.status_code == 404:
                 answer.success()  # not a failure of the stack under test: it has no phones
@@ -178,13 +168,13 @@ class PhoneCaller(HttpUser):
             except CallRefused as exc:
                 answer.failure(str(exc))
                 return
-        call = PhoneCall(
+        stream_call = PhoneCall(
             reporter(self.environment, "PHONE"),
             call_options(),
-            call_sid=call_sid,
+            call_sid=call.call_sid,
             account_sid=phone.account_sid,
         )
-        if not call.run(stream):
+        if not stream_call.run(stream):
             _skip_phone(f"the relay has no Media Streams endpoint at {stream.url}")
             raise StopUser
 

@@ -58,25 +58,53 @@ async def _usable(target: LoadTarget) -> bool:
     return me.status_code == 200 and agent.status_code == 200
 
 
-async def _create_agent(http: httpx.AsyncClient, credential_id: str) -> tuple[str, str]:
-    """The agent and its phone number (numbers are global: retry on a taken one)."""
+async def create_greeting_agent(
+    http: httpx.AsyncClient,
+    *,
+    name: str,
+    elevenlabs_agent_id: str,
+    credential_id: str,
+    greeting: str,
+) -> tuple[str, str]:
+    """An agent that greets callers, with a phone number of its own (numbers are unique across
+    tenants: a taken one is drawn again). Returns the agent's id and its number."""
     for _ in range(_NUMBER_ATTEMPTS):
         number = f"+1415555{secrets.randbelow(10_000):04d}"
         answer = await http.post(
             "/v1/agents",
             json={
-                "name": AGENT_NAME,
-                "elevenlabs_agent_id": "agent_loadtest_echo",
+                "name": name,
+                "elevenlabs_agent_id": elevenlabs_agent_id,
                 "credential_id": credential_id,
                 "input_audio_format": AUDIO_FORMAT,
                 "output_audio_format": AUDIO_FORMAT,
                 "phone_numbers": [number],
-                "conversation_overrides": {"agent": {"first_message": GREETING}},
+                "conversation_overrides": {"agent": {"first_message": greeting}},
             },
         )
         if answer.status_code != 409:
-            return _check(answer, "creating the agent", 201)["id"], number
-    raise ProvisionError("no free phone number found for the load-test agent")
+            return _check(answer, f"creating the agent {name!r}", 201)["id"], number
+    raise ProvisionError(f"no free phone number found for the agent {name!r}")
+
+
+async def store_twilio_credential(http: httpx.AsyncClient, name: str) -> tuple[str, str]:
+    """A Twilio credential with a fresh account SID and auth token; returns both (the API never
+    shows the token again, and phone callers sign webhooks with it)."""
+    account_sid, auth_token = twilio_sid("AC"), secrets.token_hex(16)
+    _check(
+        await http.post(
+            "/v1/credentials",
+            json={
+                "provider": "twilio",
+                "name": name,
+                "account_sid": account_sid,
+                "auth_token": auth_token,
+            },
+        ),
+        "storing the Twilio credential",
+        201,
+    )
+    return account_sid, auth_token
 
 
 async def provision(api_url: str, owner_dsn: str) -> LoadTarget:
@@ -100,21 +128,14 @@ async def provision(api_url: str, owner_dsn: str) -> LoadTarget:
             "storing the emulator's ElevenLabs key",
             201,
         )
-        agent_id, number = await _create_agent(http, credential["id"])
-        account_sid, auth_token = twilio_sid("AC"), secrets.token_hex(16)
-        _check(
-            await http.post(
-                "/v1/credentials",
-                json={
-                    "provider": "twilio",
-                    "name": "load test",
-                    "account_sid": account_sid,
-                    "auth_token": auth_token,
-                },
-            ),
-            "storing the Twilio credential",
-            201,
+        agent_id, number = await create_greeting_agent(
+            http,
+            name=AGENT_NAME,
+            elevenlabs_agent_id="agent_loadtest_echo",
+            credential_id=credential["id"],
+            greeting=GREETING,
         )
+        account_sid, auth_token = await store_twilio_credential(http, "load test")
     return LoadTarget(
         api_url=api_url,
         api_key=tenant.api_key,

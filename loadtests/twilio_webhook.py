@@ -3,10 +3,13 @@ inbound call, its ``X-Twilio-Signature``, and the ``<Connect><Stream>`` TwiML it
 
 from __future__ import annotations
 
+import secrets
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
+
+from voicerelay.emulators.twilio_media import twilio_sid
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
 
@@ -42,6 +45,30 @@ def signature(auth_token: str, url: str, form: dict[str, str]) -> str:
     """Twilio's signature of a POST: the full URL it called and the form, with the auth token."""
     signed: str = RequestValidator(auth_token).compute_signature(url, form)
     return signed
+
+
+@dataclass(frozen=True)
+class SignedCall:
+    """One inbound call's webhook request, signed as Twilio signs it."""
+
+    call_sid: str
+    form: dict[str, str]
+    headers: dict[str, str]
+
+
+def signed_inbound_call(
+    *, account_sid: str, auth_token: str, voice_url: str, to_number: str
+) -> SignedCall:
+    """A new call (fresh CallSid, a random caller) to ``to_number``, for ``voice_url``."""
+    call_sid = twilio_sid("CA")
+    form = inbound_call_form(
+        account_sid=account_sid,
+        call_sid=call_sid,
+        from_number=f"+1202555{secrets.randbelow(10_000):04d}",
+        to_number=to_number,
+    )
+    headers = {SIGNATURE_HEADER: signature(auth_token, voice_url, form)}
+    return SignedCall(call_sid, form, headers)
 
 
 def parse_connect_stream(twiml: str) -> StreamInstruction:

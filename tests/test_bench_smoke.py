@@ -21,7 +21,8 @@ from loadtests.bench_audio import (
     marker,
     percentile,
 )
-from loadtests.bench_relay import Measurement, table
+from loadtests.bench_phone import stream_url_on
+from loadtests.bench_relay import Measurement, phone_table, table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,6 +121,34 @@ def test_table_puts_each_setup_next_to_the_floor_of_its_step() -> None:
     assert "2.0x" in relay_row
 
 
+def test_phone_streams_go_to_the_steps_own_replica() -> None:
+    twiml_url = "ws://127.0.0.1:8090/twilio/stream"
+    assert stream_url_on("http://127.0.0.1:5123", twiml_url) == "ws://127.0.0.1:5123/twilio/stream"
+    assert stream_url_on("https://relay.example", twiml_url) == "wss://relay.example/twilio/stream"
+
+
+def test_phone_table_lists_voicerelay_steps_with_phone_calls() -> None:
+    measured = Measurement(
+        setup="voicerelay",
+        calls=50,
+        replicas=3,
+        connected=50,
+        phone_calls=5,
+        phone_first_audio_p50_ms=40.0,
+        phone_first_audio_p99_ms=90.0,
+    )
+    rendered = phone_table([Measurement(setup="floor", calls=50), measured])
+    assert rendered.splitlines()[-1].split("|")[1:-1] == [
+        " voicerelay ",
+        " 3        ",
+        " 50            ",
+        " 5           ",
+        " 40.0 ms                 ",
+        " 90.0 ms ",
+    ]
+    assert phone_table([Measurement(setup="floor", calls=50)]) == ""
+
+
 # --- The whole harness, tiny ------------------------------------------------------------------
 
 
@@ -136,6 +165,8 @@ def test_benchmark_runs_end_to_end_and_reports_numbers(tmp_path: Path) -> None:
         "--warmup=1",
         "--generators=1",
         "--talk-ms=400",
+        "--replicas=1",
+        "--replicas=2",
         f"--json={report}",
         f"--logs={logs}",
     ]
@@ -146,12 +177,16 @@ def test_benchmark_runs_end_to_end_and_reports_numbers(tmp_path: Path) -> None:
 
     results = json.loads(report.read_text())
     assert results["machine"]["nproc"] >= 1
-    measured = {m["setup"]: m for m in results["measurements"]}
-    expected = {"floor"}
+    measured = {(m["setup"], m["replicas"]): m for m in results["measurements"]}
+    expected = {("floor", 1)}
     if importlib.util.find_spec("relay.app") is not None:
-        expected.add("voicerelay")
+        expected |= {("voicerelay", 1), ("voicerelay", 2)}
     assert set(measured) == expected
-    for m in measured.values():
+    phones = not any("phone calls: not measured" in note for note in results["notes"])
+    for (setup, _), m in measured.items():
+        if setup == "voicerelay" and phones:
+            assert m["phone_calls"] == 2, m
+            assert math.isfinite(m["phone_first_audio_p50_ms"]), m
         assert m["connected"] == 2, m
         assert m["errors"] == [], m
         assert m["samples"] > 0, m
