@@ -25,6 +25,7 @@ from relay.app import create_app as create_relay_app
 from relay.bridge import BridgeOptions
 from relay.runtime import RelayOptions
 from tests.support.servers import serve
+from tests.support.services import free_port
 from tests.support.tenants import auth
 from voicerelay.emulators.elevenlabs import (
     DEFAULT_API_KEY,
@@ -32,6 +33,7 @@ from voicerelay.emulators.elevenlabs import (
     EmulatorConfig,
     create_emulator_app,
 )
+from voicerelay.emulators.twilio_rest import TwilioRestConfig
 from voicerelay.settings import Settings
 
 # Short enough that the vanished-caller test is quick, long enough for a reconnect in tests.
@@ -48,6 +50,12 @@ class RelayStack:
     emulator_app: Any
     relay_app: Any
     _credentials: dict[uuid.UUID, str] = field(default_factory=dict)
+
+    @property
+    def twilio_rest(self) -> TwilioRestConfig:
+        """What the emulated Twilio REST API knows and every request it received."""
+        config: TwilioRestConfig = self.emulator_app.state.twilio_rest
+        return config
 
     def conversation(self, conversation_id: str) -> Any:
         return self.emulator_app.state.conversations.get(conversation_id)
@@ -111,22 +119,36 @@ def stack_settings(base: Settings, **changes: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def serve_relay(
-    settings: Settings, *, options: RelayOptions | None = None
+    settings: Settings, *, options: RelayOptions | None = None, port: int | None = None
 ) -> AsyncIterator[tuple[str, Any]]:
     options = options or RelayOptions(
         BridgeOptions(caller_grace_seconds=TEST_CALLER_GRACE_SECONDS, usage_interval_seconds=1.0)
     )
     app = create_relay_app(settings, options)
-    async with serve(app) as url:
+    async with serve(app, port=port) as url:
         yield url, app
 
 
 @contextlib.asynccontextmanager
-async def relay_stack(base: Settings) -> AsyncIterator[RelayStack]:
+async def relay_stack(
+    base: Settings, *, advertise_relay: bool = False
+) -> AsyncIterator[RelayStack]:
+    """``advertise_relay``: the control API hands out the relay's real address (call tokens'
+    ``relay_url``, the voice webhook's ``<Stream url>``), picked before the relay starts.
+
+    The emulator also serves Twilio's REST Calls resource (``RelayStack.twilio_rest``), and the
+    control API's TWILIO_API_URL points at it."""
     emulator = EmulatorConfig(accept_unknown_agents=False)
     emulator_app = create_emulator_app(emulator)
+    relay_port = free_port() if advertise_relay else None
     async with serve(emulator_app) as emulator_url:
-        api_settings = stack_settings(base, elevenlabs_api_url=emulator_url)
+        api_settings = stack_settings(
+            base, elevenlabs_api_url=emulator_url, twilio_api_url=emulator_url
+        )
+        if relay_port is not None:
+            api_settings = stack_settings(
+                api_settings, relay_public_url=f"ws://127.0.0.1:{relay_port}"
+            )
         from control_api.app import create_app as create_api_app
 
         async with serve(create_api_app(api_settings)) as api_url:
@@ -137,7 +159,7 @@ async def relay_stack(base: Settings) -> AsyncIterator[RelayStack]:
                 relay_connect_rate_per_minute_per_ip=100_000,
                 upstream_connect_timeout_seconds=3.0,
             )
-            async with serve_relay(relay_settings) as (relay_url, relay_app):
+            async with serve_relay(relay_settings, port=relay_port) as (relay_url, relay_app):
                 yield RelayStack(
                     settings=relay_settings,
                     api_url=api_url,

@@ -1,0 +1,134 @@
+"""A phone call end to end, every hop real except Twilio and ElevenLabs: the signed voice webhook
+→ TwiML → the Media Streams client emulator connects to the TwiML's Stream URL with its
+Parameters → the relay → the emulated agent speaks → the agent ends the call → the control API
+hangs it up through the Twilio REST emulator with the tenant's account SID and auth token."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from control_api.bootstrap import NewTenant
+from tests.support.relay_stack import RelayStack, relay_stack
+from tests.support.tenants import auth
+from tests.support.twilio import (
+    STATUS_PATH,
+    VOICE_PATH,
+    TwiML,
+    call_id_of,
+    phone_tenant,
+    twilio_post,
+)
+from tests.test_relay_call import call_log, eventually
+from voicerelay.emulators.audio import parse_format, tone
+from voicerelay.emulators.elevenlabs import EmulatedAgent
+from voicerelay.emulators.twilio_media import ULAW_SILENCE, MediaStreamsCaller
+from voicerelay.settings import Settings
+
+ULAW = parse_format("ulaw_8000")
+# The agent ends the call itself a few seconds in (its maximum duration), after echoing the
+# caller; the relay treats any close of the agent's side as the agent ending the call.
+AGENT = EmulatedAgent(
+    input_format="ulaw_8000",
+    output_format="ulaw_8000",
+    realtime=False,
+    max_duration_seconds=4.0,
+)
+
+
+@pytest.fixture(scope="module")
+async def stack(settings: Settings) -> AsyncIterator[RelayStack]:
+    async with relay_stack(settings, advertise_relay=True) as running:
+        yield running
+
+
+async def test_webhook_stream_agent_hang_up(stack: RelayStack, tenant: NewTenant) -> None:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=20) as api:
+        el_agent = "agent_e2e_phone"
+        stack.emulator.agents[el_agent] = AGENT
+        phone = await phone_tenant(
+            api,
+            tenant,
+            elevenlabs_agent_id=el_agent,
+            elevenlabs_credential_id=await stack.credential(api, tenant),
+            phone_dynamic_variables={"caller_number": "From"},
+        )
+        twilio = stack.twilio_rest
+        twilio.accounts[phone.account_sid] = phone.auth_token
+        params = phone.voice_params()
+        call_sid = params["CallSid"]
+        twilio.add_call(phone.account_sid, call_sid, to_number=phone.number)
+
+        r = await twilio_post(
+            api,
+            VOICE_PATH,
+            params,
+            auth_token=phone.auth_token,
+            signed_url=stack.settings.public_api_url + VOICE_PATH,
+        )
+        assert r.status_code == 200, r.text
+        twiml = TwiML.parse(r)
+        call_id = call_id_of(twiml)
+        assert twiml.stream_url == stack.relay_url.replace("http://", "ws://") + "/twilio/stream"
+
+        spoken = tone(ULAW, 0.6)
+        async with MediaStreamsCaller.connect(
+            twiml.stream_url,
+            custom_parameters=twiml.parameters,
+            call_sid=call_sid,
+            account_sid=phone.account_sid,
+        ) as caller:
+            await caller.send_audio(spoken + ULAW_SILENCE * 4800)
+            heard = await caller.wait_for_audio(len(spoken), within=20)
+            assert heard == spoken  # the agent spoke (echoed the caller, μ-law untouched)
+            await caller.wait_closed(within=30)
+            assert caller.close_code == 1000
+
+        # The agent ended the call: the relay asked the control API, which asked "Twilio".
+        hangups = await eventually(
+            lambda: [
+                req for req in twilio.requests if req.call_sid == call_sid and req.method == "POST"
+            ],
+            timeout=20,
+        )
+        [hangup] = hangups
+        assert hangup.authenticated
+        assert hangup.auth_user == phone.account_sid
+        assert hangup.form == {"Status": "completed"}
+        assert hangup.status == 200
+        assert twilio.calls[call_sid].status == "completed"
+
+        # Twilio's status callback for the finished call joins the call log.
+        status = {
+            "AccountSid": phone.account_sid,
+            "CallSid": call_sid,
+            "CallStatus": "completed",
+            "CallDuration": "5",
+            "From": phone.caller,
+            "To": phone.number,
+        }
+        r = await twilio_post(
+            api,
+            STATUS_PATH,
+            status,
+            auth_token=phone.auth_token,
+            signed_url=stack.settings.public_api_url + STATUS_PATH,
+        )
+        assert r.status_code == 200, r.text
+        record = await call_log(api, tenant, str(call_id))
+        assert record["ended_by"] == "agent"
+        assert record["direction"] == "phone_inbound"
+
+        async with asyncio.timeout(20):
+            while True:
+                r = await api.get(f"/v1/calls/{call_id}", headers=auth(tenant))
+                timeline = r.json()["timeline"]
+                telephony = [e["data"] for e in timeline if e["type"] == "telephony"]
+                if telephony:
+                    break
+                await asyncio.sleep(0.05)
+        assert telephony[0]["call_status"] == "completed"
+        assert telephony[0]["duration_seconds"] == 5
