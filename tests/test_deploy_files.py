@@ -7,6 +7,14 @@ stage's COPY and RUN steps on a clean copy of the build context (.dockerignore a
 directory standing in for the image's root, the source tree removed as the final stage leaves
 it behind, then the final stage's ENTRYPOINT + CMD and HEALTHCHECK run from that venv against
 the test Postgres and Redis, until SIGTERM ends them with status 0.
+
+Compose, nginx and Prometheus (config/compose.yaml, config/nginx/, config/prometheus/): parsed
+and checked for the stack's shape (3 relays, one-shot migrate, start order on health), settings
+and secrets (only known settings, no committed value), and the load balancer rules (round-robin
+without affinity, WebSocket upgrade, timeouts above the longest call).
+
+Kubernetes (config/k8s/): every document validated offline against the API schemas
+(kubernetes-validate, strict), then the drain, probe, affinity, autoscaling and secret rules.
 """
 
 from __future__ import annotations
@@ -365,33 +373,45 @@ def replayed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Rep
         shutil.rmtree(image.image.root.parent, ignore_errors=True)
 
 
+@dataclass
+class Running:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
 @contextlib.contextmanager
-def container(
-    image: ReplayedImage, env: dict[str, str], *args: str
-) -> Iterator[subprocess.Popen[str]]:
-    process = subprocess.Popen(
-        image.resolve(image.command(*args), env),
-        cwd=image.image.root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def container(image: ReplayedImage, env: dict[str, str], *args: str) -> Iterator[Running]:
+    """The image's command as a process; its output goes to a file (a pipe nobody reads while
+    the server runs could fill up and stall it)."""
+    log = image.image.root.parent / f"{'-'.join(image.command(*args)[1:])}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            image.resolve(image.command(*args), env),
+            cwd=image.image.root,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    running = Running(process, log)
     try:
-        yield process
+        yield running
     finally:
         if process.poll() is None:
             process.kill()
-        process.communicate(timeout=STOP_SECONDS)
+        process.wait(timeout=STOP_SECONDS)
 
 
-def wait_for(url: str, process: subprocess.Popen[str], *, status: int = 200) -> None:
+def wait_for(url: str, running: Running, *, status: int = 200) -> None:
     deadline = time.monotonic() + START_SECONDS
     last = "no answer"
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            _, stderr = process.communicate()
-            raise AssertionError(f"exited early with {process.returncode}:\n{stderr}")
+        if running.process.poll() is not None:
+            raise AssertionError(
+                f"exited early with {running.process.returncode}:\n{running.output()}"
+            )
         try:
             response = httpx.get(url, timeout=2)
             if response.status_code == status:
@@ -400,23 +420,23 @@ def wait_for(url: str, process: subprocess.Popen[str], *, status: int = 200) -> 
         except httpx.TransportError as exc:
             last = repr(exc)
         time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer {status}: {last}")
+    raise AssertionError(f"{url} did not answer {status}: {last}\n{running.output()}")
 
 
 def healthcheck(image: ReplayedImage, env: dict[str, str]) -> int:
     return image.run(image.healthcheck(), env, timeout=30).returncode
 
 
-def stop(process: subprocess.Popen[str]) -> str:
-    """SIGTERM, as `docker stop` and Kubernetes send it; returns stderr."""
-    process.send_signal(signal.SIGTERM)
+def stop(running: Running) -> None:
+    """SIGTERM, as `docker stop` and Kubernetes send it: a clean exit 0."""
+    running.process.send_signal(signal.SIGTERM)
     try:
-        _, stderr = process.communicate(timeout=STOP_SECONDS)
+        running.process.wait(timeout=STOP_SECONDS)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"no exit within {STOP_SECONDS} s of SIGTERM")
-    assert process.returncode == 0, stderr
-    assert "Traceback" not in stderr, stderr
-    return stderr
+        pytest.fail(f"no exit within {STOP_SECONDS} s of SIGTERM:\n{running.output()}")
+    output = running.output()
+    assert running.process.returncode == 0, output
+    assert "Traceback" not in output, output
 
 
 @pytest.mark.slow
