@@ -65,10 +65,13 @@ async def make_phone_call(
     tenant: NewTenant,
     owner_conn: asyncpg.Connection,
     agent_id: str,
+    *,
+    call_sid: str | None = None,
+    account_sid: str | None = None,
 ) -> PhoneCall:
     """A call as the voice webhook creates it: phone_inbound, μ-law, Twilio ids in metadata."""
     call = await stack.call(api, tenant, agent_id, client_audio_format="ulaw_8000")
-    call_sid, account_sid = twilio_sid("CA"), twilio_sid("AC")
+    call_sid, account_sid = call_sid or twilio_sid("CA"), account_sid or twilio_sid("AC")
     twilio = {"call_sid": call_sid, "account_sid": account_sid, "from": "+15550001111"}
     await owner_conn.execute(
         "UPDATE calls SET direction = 'phone_inbound', client_audio_format = 'ulaw_8000',"

@@ -73,7 +73,6 @@ class PhoneLeg:
         transfer_tool: str,
         prebuffer_ms: int,
         max_queued_chunks: int,
-        started_at: float,
     ) -> None:
         self._protocol = protocol
         self._send = send
@@ -82,7 +81,6 @@ class PhoneLeg:
         self._token = token
         self._transfer_tool = transfer_tool
         self._max_queued = max_queued_chunks
-        self._started_at = started_at
         self.bridge: CallBridge | None = None
         self.tracker = PlaybackTracker()
         # Outgoing: (frame, audio bytes, received_at) or _CLEAR.
@@ -102,7 +100,6 @@ class PhoneLeg:
         self._buffer_limit = prebuffer_ms * MULAW_BYTES_PER_MS
         self._buffered_digits = 0
         self.dtmf_digits = 0
-        self._first_audio_sent = False
         self._played_out = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._transfer: asyncio.Task[None] | None = None
@@ -303,9 +300,6 @@ class PhoneLeg:
                 self._queued_audio -= 1
                 await self._send(frame)
                 tracker.sent(nbytes)
-                if not self._first_audio_sent:
-                    self._first_audio_sent = True
-                    metrics.FIRST_AGENT_AUDIO_SECONDS.observe(time.monotonic() - self._started_at)
                 metrics.ADDED_LATENCY_SECONDS.observe(time.monotonic() - received_at)
                 name = tracker.mark()
                 if name is not None:

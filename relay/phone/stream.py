@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
@@ -118,9 +117,8 @@ class TwilioStreamEndpoint:
             if self._runtime.drain.draining:
                 raise StreamRefused("draining", "This relay is shutting down.")
             start = await self._await_start(socket, protocol)
-            started_at = time.monotonic()
             context["call_sid"] = start.call_sid
-            leg = self._new_leg(socket, protocol, start, started_at)
+            leg = self._new_leg(socket, protocol, start)
             bridge = await self._admit(start, leg, context)
         except StreamRefused as refusal:
             if leg is not None:
@@ -178,7 +176,7 @@ class TwilioStreamEndpoint:
             raise StreamRefused("start_timeout", "no start in time") from None
 
     def _new_leg(
-        self, socket: AsgiSocket, protocol: TwilioStreamProtocol, start: Start, started_at: float
+        self, socket: AsgiSocket, protocol: TwilioStreamProtocol, start: Start
     ) -> PhoneLeg:
         runtime, settings = self._runtime, self._settings
         return PhoneLeg(
@@ -190,7 +188,6 @@ class TwilioStreamEndpoint:
             transfer_tool=settings.twilio_transfer_tool_name,
             prebuffer_ms=settings.relay_phone_prebuffer_ms,
             max_queued_chunks=settings.relay_client_queue_chunks,
-            started_at=started_at,
         )
 
     async def _admit(self, start: Start, leg: PhoneLeg, context: dict[str, str]) -> CallBridge:
