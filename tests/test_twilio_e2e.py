@@ -62,14 +62,13 @@ async def test_webhook_stream_agent_hang_up(stack: RelayStack, tenant: NewTenant
         call_sid = params["CallSid"]
         twilio.add_call(phone.account_sid, call_sid, to_number=phone.number)
 
-        r = await twilio_post(
-            api,
-            VOICE_PATH,
-            params,
-            auth_token=phone.auth_token,
-            signed_url=stack.settings.public_api_url + VOICE_PATH,
-        )
-        assert r.status_code == 200, r.text
+        async def as_twilio(path: str, form: dict[str, str]) -> httpx.Response:
+            public = stack.settings.public_api_url + path
+            r = await twilio_post(api, path, form, auth_token=phone.auth_token, signed_url=public)
+            assert r.status_code == 200, r.text
+            return r
+
+        r = await as_twilio(VOICE_PATH, params)
         twiml = TwiML.parse(r)
         call_id = call_id_of(twiml)
         assert twiml.stream_url == stack.relay_url.replace("http://", "ws://") + "/twilio/stream"
@@ -110,14 +109,7 @@ async def test_webhook_stream_agent_hang_up(stack: RelayStack, tenant: NewTenant
             "From": phone.caller,
             "To": phone.number,
         }
-        r = await twilio_post(
-            api,
-            STATUS_PATH,
-            status,
-            auth_token=phone.auth_token,
-            signed_url=stack.settings.public_api_url + STATUS_PATH,
-        )
-        assert r.status_code == 200, r.text
+        await as_twilio(STATUS_PATH, status)
         record = await call_log(api, tenant, str(call_id))
         assert record["ended_by"] == "agent"
         assert record["direction"] == "phone_inbound"
