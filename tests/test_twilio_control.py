@@ -29,7 +29,8 @@ from tests.support.twilio import (
 from tests.test_call_tokens import create_call, insert_agent
 from voicerelay.emulators.elevenlabs import create_emulator_app
 from voicerelay.emulators.twilio_rest import TwilioRestConfig
-from voicerelay.settings import Settings
+from voicerelay.settings import Environment, Settings
+from voicerelay.up import Plan, emulator_service
 
 TRANSFER_TO = "+14155550123"
 
@@ -252,3 +253,19 @@ async def test_emulator_answers_like_twilio(stack: Stack, tenant: NewTenant) -> 
         assert r.status_code == 200
         assert r.json()["sid"] == live.call_sid
         assert r.json()["status"] == "in-progress"
+
+
+# --- local runs ------------------------------------------------------------------------------
+
+
+def test_up_points_twilio_at_the_emulator(settings: Settings) -> None:
+    """`voicerelay up` in development hangs phone calls up through its own emulator, unless
+    TWILIO_API_URL is configured."""
+    local = settings.model_copy(update={"environment": Environment.development})
+    plan = Plan(local)
+    assert emulator_service(plan, frozenset()) is not None
+    assert plan.settings.twilio_api_url == f"http://127.0.0.1:{local.emulator_port}"
+    assert "Twilio REST" in plan.sources
+    configured = Plan(local)
+    emulator_service(configured, frozenset({"TWILIO_API_URL"}))
+    assert configured.settings.twilio_api_url == local.twilio_api_url

@@ -368,6 +368,20 @@ async def test_floods_are_limited_per_address_and_number(
         assert r.status_code == 200, r.text  # another address
 
 
+async def test_an_internal_failure_is_an_apology(
+    phone_settings: Settings, phone: PhoneTenant
+) -> None:
+    """A control API that cannot open the tenant's credentials (no ENCRYPTION_KEYS) still
+    answers Twilio with TwiML the caller hears, not an error page."""
+    broken = phone_settings.model_copy(update={"encryption_keys": None})
+    async with serve(create_app(broken)) as url, httpx.AsyncClient(base_url=url) as api:
+        r = await twilio_post(api, VOICE_PATH, phone.voice_params(), auth_token=phone.auth_token)
+    assert r.status_code == 200
+    twiml = TwiML.parse(r)
+    assert is_apology(twiml)
+    assert "technical difficulties" in twiml.said
+
+
 async def test_not_form_encoded_is_415(api: httpx.AsyncClient, phone: PhoneTenant) -> None:
     r = await api.post(
         VOICE_PATH, json=phone.voice_params(), headers={"x-twilio-signature": "c2lnbmF0dXJl"}

@@ -206,8 +206,11 @@ async def twilio_voice(call: ApiCall[Any, Any]) -> Response:
         return await _answer(call, signature, params)
     except _Refusal as refusal:
         return _twiml(twiml.say_and_hang_up(refusal.message), refusal.status)
-    except Problem:
-        raise
+    except Problem as problem:
+        if problem.status < 500:  # not Twilio's form (415) or a flood (429): said as problems
+            raise
+        _outcome("voice", f"failed: {problem.code}", logging.ERROR)
+        return _twiml(twiml.say_and_hang_up(twiml.TROUBLE))
     except Exception:
         log.exception("twilio voice: failed; the caller hears an apology")
         return _twiml(twiml.say_and_hang_up(twiml.TROUBLE))
