@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,18 @@ def test_dependencies_come_from_the_hashed_lock(name: str) -> None:
     assert '"uv==${UV_VERSION}"' in bootstrap[0].body()
     assert builder.args()["UV_VERSION"] == makefile_uv_version()
     assert builder.env()["UV_COMPILE_BYTECODE"] == "1"
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_builder_copies_every_package_of_the_wheel(name: str) -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = set(pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"])
+    copied = {
+        source.removeprefix("./").rstrip("/")
+        for copy in dockerfile(name)[0].all("COPY")
+        for source in copy.body().split()[:-1]
+    }
+    assert packages <= copied, f"Dockerfile.{name} does not copy {packages - copied}"
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
