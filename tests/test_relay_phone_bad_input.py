@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from control_api.bootstrap import NewTenant
-from tests.support.relay_stack import RelayStack, relay_stack
+from tests.support.relay_stack import CallClient, ConnectRefused, RelayStack, relay_stack
 from tests.test_relay_call import call_log, eventually
 from tests.test_relay_phone import (
     ULAW,
@@ -233,3 +233,16 @@ async def test_http_on_the_stream_path_is_a_clear_error(stack: RelayStack) -> No
         r = await client.get(stack.relay_url + "/twilio/stream")
     assert r.status_code == 400
     assert r.json()["code"] == "websocket_required"
+
+
+async def test_a_phone_calls_caller_token_cannot_join_over_socketio(
+    stack: RelayStack, phone: PhoneCall
+) -> None:
+    client = CallClient(stack.relay_url)
+    try:
+        with pytest.raises(ConnectRefused) as refused:
+            await client.connect(phone.token)
+        assert refused.value.code == "forbidden"
+    finally:
+        await client.close()
+    await assert_still_serving(stack, phone)
