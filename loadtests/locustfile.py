@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from locust import HttpUser, between, events, task
 from locust.env import Environment
@@ -47,6 +47,7 @@ class _State:
     target: LoadTarget | None = None
     # Why phone callers do not run (no phone target, or the stack has no phone endpoint yet).
     phone_skipped: str | None = None
+    phone_skip_logged = False
 
 
 def _target() -> LoadTarget:
@@ -138,16 +139,11 @@ class PhoneCaller(HttpUser):
     weight = 2
     wait_time = between(1, 3)
 
-    def on_start(self) -> None:
-        if _State.phone_skipped is not None:
-            log.warning("phone callers skipped: %s", _State.phone_skipped)
-            raise StopUser
-
     @task
     def call(self) -> None:
         phone = _target().phone
         if phone is None or _State.phone_skipped is not None:
-            raise StopUser
+            self._stop_skipped()
         call = signed_inbound_call(
             account_sid=phone.account_sid,
             auth_token=phone.auth_token,
@@ -160,7 +156,7 @@ class PhoneCaller(HttpUser):
             if answer.status_code == 404:
                 answer.success()  # not a failure of the stack under test: it has no phones
                 _skip_phone(f"{VOICE_WEBHOOK} answered 404")
-                raise StopUser
+                self._stop_skipped()
             try:
                 if answer.status_code != 200:
                     raise CallRefused(f"{answer.status_code}: {answer.text[:200]}")
@@ -176,7 +172,14 @@ class PhoneCaller(HttpUser):
         )
         if not stream_call.run(stream):
             _skip_phone(f"the relay has no Media Streams endpoint at {stream.url}")
-            raise StopUser
+            self._stop_skipped()
+
+    def _stop_skipped(self) -> NoReturn:
+        # Raised from a task (not on_start, where locust logs it as an error): a quiet stop.
+        if not _State.phone_skip_logged:
+            _State.phone_skip_logged = True
+            log.warning("phone callers skipped: %s", _State.phone_skipped)
+        raise StopUser
 
 
 class ControlApiUser(HttpUser):
@@ -186,8 +189,11 @@ class ControlApiUser(HttpUser):
     wait_time = between(1, 2)
 
     def on_start(self) -> None:
-        target = _target()
         self._expires_at = 0.0
+        self._refresh_token: str | None = None
+
+    def _sign_in(self) -> None:
+        target = _target()
         with self.client.post(
             "/v1/auth/login",
             json={"email": target.user_email, "password": target.user_password},
@@ -204,6 +210,11 @@ class ControlApiUser(HttpUser):
         self.client.headers["authorization"] = f"Bearer {session['access_token']}"
 
     def _fresh(self) -> None:
+        """Signed in, with an access token that does not expire in the next minute. Failures
+        stop the user from a task (quietly: locust logs a StopUser from on_start as an error)."""
+        if self._refresh_token is None:
+            self._sign_in()
+            return
         if time.monotonic() < self._expires_at - REFRESH_MARGIN_SECONDS:
             return
         with self.client.post(
