@@ -1,6 +1,7 @@
 """Phone calls end to end: Twilio Media Streams (the emulated Twilio side, a real WebSocket with
 real message shapes and 20 ms pacing) → the relay's /twilio/stream → CallBridge → the emulated
-ElevenLabs agent, with the real control API, Redis and PostgreSQL.
+ElevenLabs agent, with the real control API, Redis and PostgreSQL; Twilio's REST API (hang-ups
+and transfers through the control API) is the emulator's.
 
 Phone calls are created like browser calls and then made phone calls in the database (direction,
 μ-law client format, metadata.twilio), as the voice webhook does. The emulated agent echoes the
@@ -19,11 +20,12 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from prometheus_client import REGISTRY
 
 from control_api.bootstrap import NewTenant
+from relay.protocol.elevenlabs import ClientToolCall
 from tests.support.relay_stack import RelayStack, call_client, relay_stack
 from tests.support.tenants import auth
+from tests.support.twilio import PhoneTenant, phone_tenant
 from tests.test_relay_call import call_log, eventually
 from voicerelay.emulators.audio import parse_format, rms, tone
 from voicerelay.emulators.elevenlabs import EmulatedAgent
@@ -85,18 +87,6 @@ async def make_phone_call(
 def ended_data(record: dict[str, Any]) -> dict[str, Any]:
     data: dict[str, Any] = next(e for e in record["timeline"] if e["type"] == "ended")["data"]
     return data
-
-
-def hangups_asked() -> float:
-    """Hang-up requests the relay made to the control API, whatever their outcome."""
-    results = ("completed", "already_ended", "skipped", "refused", "unreachable", "ok")
-    return sum(
-        REGISTRY.get_sample_value(
-            "voicerelay_relay_phone_control_requests_total", {"action": "hangup", "result": r}
-        )
-        or 0.0
-        for r in results
-    )
 
 
 async def latest_conversation(stack: RelayStack, agent_id: str) -> Any:
@@ -280,21 +270,113 @@ async def test_dtmf_reaches_the_agent_and_a_monitor_who_hears_the_call(
     assert ended_data(record)["dtmf_digits"] == 1
 
 
-async def test_agent_ending_the_call_closes_the_stream_and_asks_for_a_hang_up(
+# --- hang-up and transfer through the control API and Twilio's REST API (emulated) -------
+
+ALLOWED = "+14155552671"
+NOT_ALLOWED = "+442071838750"
+
+
+async def twilio_line(
+    stack: RelayStack,
+    api: httpx.AsyncClient,
+    tenant: NewTenant,
+    owner_conn: asyncpg.Connection,
+    emulated: EmulatedAgent,
+) -> tuple[PhoneTenant, PhoneCall]:
+    """A tenant with a Twilio credential (known to the emulated REST API), an agent that may
+    transfer to ALLOWED, and a live Twilio call for it."""
+    el_id = "agent_" + uuid.uuid4().hex[:12]
+    stack.emulator.agents[el_id] = emulated
+    line = await phone_tenant(
+        api,
+        tenant,
+        elevenlabs_agent_id=el_id,
+        elevenlabs_credential_id=await stack.credential(api, tenant),
+        transfer_numbers=[ALLOWED],
+    )
+    rest = stack.twilio_rest
+    rest.accounts[line.account_sid] = line.auth_token
+    twilio_call = rest.add_call(line.account_sid)
+    phone = await make_phone_call(
+        stack,
+        api,
+        tenant,
+        owner_conn,
+        line.agent_id,
+        call_sid=twilio_call.sid,
+        account_sid=line.account_sid,
+    )
+    return line, phone
+
+
+def requests_for(stack: RelayStack, call_sid: str) -> list[Any]:
+    return [r for r in stack.twilio_rest.requests if r.call_sid == call_sid]
+
+
+async def test_agent_end_hangs_the_call_up_through_twilio(
     stack: RelayStack, api: httpx.AsyncClient, tenant: NewTenant, owner_conn: asyncpg.Connection
 ) -> None:
-    short = replace(ULAW_AGENT, max_duration_seconds=2.0)
-    agent_id, _ = await el_agent(stack, api, tenant, short)
-    phone = await make_phone_call(stack, api, tenant, owner_conn, agent_id)
-    asked = hangups_asked()
+    line, phone = await twilio_line(
+        stack, api, tenant, owner_conn, replace(ULAW_AGENT, max_duration_seconds=2.0)
+    )
     async with phone.caller(stack) as caller:
         await caller.send_silence(0.5)
         await caller.wait_closed(within=20)
-        assert caller.close_code == 1000
-        assert caller.close_reason == "max_duration"
+        assert (caller.close_code, caller.close_reason) == (1000, "max_duration")
+    await eventually(lambda: requests_for(stack, phone.call_sid))
+    (request,) = requests_for(stack, phone.call_sid)
+    assert request.method == "POST"
+    assert request.form == {"Status": "completed"}
+    assert request.auth_user == line.account_sid
+    assert request.authenticated
+    assert request.status == 200
+    assert stack.twilio_rest.calls[phone.call_sid].status == "completed"
     record = await call_log(api, tenant, phone.call_id)
     assert record["ended_by"] == "agent"
-    await eventually(lambda: hangups_asked() > asked)
+
+
+async def test_transfer_tool_refused_then_transferred(
+    stack: RelayStack, api: httpx.AsyncClient, tenant: NewTenant, owner_conn: asyncpg.Connection
+) -> None:
+    _, phone = await twilio_line(stack, api, tenant, owner_conn, ULAW_AGENT)
+    tool = stack.settings.twilio_transfer_tool_name
+    async with phone.caller(stack) as caller:
+        await caller.send_silence(0.2)
+        registry = stack.relay_app.runtime.registry
+        bridge = await eventually(
+            lambda: (b := registry.get(uuid.UUID(phone.call_id))) and b.ready and b
+        )
+        conversation = stack.conversation(bridge.conversation_id)
+
+        # The emulated agent's tools are driven by text, which a phone line cannot send: the
+        # agent's client_tool_call is handed to the bridge as its upstream would.
+        def agent_asks(call_id: str, number: str) -> None:
+            event = ClientToolCall(tool, call_id, {"phone_number": number}, None)
+            bridge._on_upstream_event(event, asyncio.get_running_loop().time())
+
+        agent_asks("t-refused", NOT_ALLOWED)
+        refused = await eventually(
+            lambda: [r for r in conversation.tool_results if r.tool_call_id == "t-refused"]
+        )
+        assert refused[0].is_error
+        assert "not one the call may be transferred to" in refused[0].result
+        assert not requests_for(stack, phone.call_sid)  # Twilio was never asked
+        assert not bridge.ended
+
+        agent_asks("t-ok", ALLOWED)
+        done = await eventually(
+            lambda: [r for r in conversation.tool_results if r.tool_call_id == "t-ok"]
+        )
+        assert not done[0].is_error
+        await caller.wait_closed(within=15)
+        assert (caller.close_code, caller.close_reason) == (1000, "transferred")
+    (request,) = requests_for(stack, phone.call_sid)
+    assert ALLOWED in request.form["Twiml"]
+    assert "<Dial" in request.form["Twiml"]
+    record = await call_log(api, tenant, phone.call_id)
+    assert record["end_reason"] == "transferred"
+    assert record["status"] == "ended"
+    assert len(requests_for(stack, phone.call_sid)) == 1  # no hang-up after a transfer
 
 
 # --- drain -------------------------------------------------------------------------------------
