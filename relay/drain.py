@@ -12,6 +12,12 @@ transport closes and its Socket.IO client reconnects through the load balancer t
 is not draining). The bridges this replica owns stay here until their calls end: their clients,
 now elsewhere, reach them through routing. A lone replica keeps its clients (there is nowhere
 else for them to go).
+
+Phone calls (relay.phone) are never handed off: their caller is a Twilio Media Stream connected
+to this replica, which Twilio cannot reopen elsewhere. They finish in place like any call kept
+here, within the deadline; their Socket.IO monitors are handed off like other clients. So the
+pod's termination grace period must exceed the preStop pause + DRAIN_DEADLINE_SECONDS +
+END_CALLS_SECONDS, or the last phone calls are cut by SIGKILL instead of ending with ``shutdown``.
 """
 
 from __future__ import annotations
