@@ -205,6 +205,17 @@ async def test_agent_end_lets_the_goodbye_play_before_closing() -> None:
     assert sock.closed == (1000, "agent_ended")
 
 
+async def test_a_hang_up_during_the_goodbye_stops_the_wait() -> None:
+    leg, _, sock, _ = make_leg()
+    leg.play(b"\x10" * 80_000, "", 0.0)  # ten seconds of goodbye
+    finish = asyncio.create_task(leg.finish(AGENT_END))
+    await settle()
+    assert not finish.done()
+    leg.hung_up()  # the caller hangs up mid-goodbye
+    await asyncio.wait_for(finish, 5)
+    assert sock.closed == (1000, "agent_ended")
+
+
 async def test_caller_hangup_closes_at_once_and_drops_queued_audio() -> None:
     leg, bridge, sock, _ = make_leg()
     sock.gate.clear()

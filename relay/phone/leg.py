@@ -163,6 +163,7 @@ class PhoneLeg:
         """Twilio said ``stop`` or the socket closed: the caller is gone."""
         self.peer_gone = True
         self._wakeup.set()
+        self._played_out.set()  # nobody is listening any more: stop waiting for play-out
         if self._transfer is not None and not self._transfer.done():
             return  # a transfer in flight moves the call away: its outcome says how it ended
         if self.bridge is not None:
