@@ -51,8 +51,9 @@ test: install
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 # Relay CPU per call-minute, added latency and memory per call at 50 and 100 concurrent calls,
-# next to a plain `websockets` relay (the floor), in one run (about 3 minutes; not a test).
-# Extra flags: make bench BENCH_ARGS="--calls 20 --seconds 10".
+# for voicerelay with 1 and 3 replicas next to a plain `websockets` relay (the floor), and phone
+# calls' Twilio start -> first agent audio, in one run (about 5 minutes; not a test).
+# Extra flags: make bench BENCH_ARGS="--calls 20 --replicas 1 --seconds 10".
 bench: install
 	$(VENV)/bin/python -m loadtests.bench_relay $(BENCH_ARGS)
 

@@ -37,6 +37,7 @@ LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 # A first run on a fresh machine initialises the embedded PostgreSQL: give it time.
 STACK_START_SECONDS = 180.0
 STACK_STOP_SECONDS = 60.0
+LOOPBACK = "127.0.0.1"
 
 
 class StackUnavailable(RuntimeError):
@@ -79,9 +80,16 @@ def local_stack(state_dir: Path, log_path: Path, up_args: list[str]) -> Iterator
     (state_dir / "stack.env").unlink(missing_ok=True)
     command = [sys.executable, "-m", "voicerelay", "up", f"--state-dir={state_dir}", *up_args]
     print(f"loadtest: no stack answers; starting `{' '.join(command[2:])}`", file=sys.stderr)
+    # Loopback only, whatever the shell's settings say: a load test opens no port to the network.
+    env = dict(os.environ, API_HOST=LOOPBACK, RELAY_HOST=LOOPBACK, EMULATOR_HOST=LOOPBACK)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            env=env,
         )
     try:
         deadline = time.monotonic() + STACK_START_SECONDS
