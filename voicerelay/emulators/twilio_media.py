@@ -316,6 +316,8 @@ class MediaStreamsCaller:
         self.playback = PlaybackClock()
         self.stats = CallerStats()
         self.events: list[ReceivedEvent] = []
+        # Kept as it arrives: waits re-check received_audio() after every message.
+        self._audio = bytearray()
         self.started_at: float | None = None
         self.first_audio_at: float | None = None
         self._echo_marks = playback
@@ -435,6 +437,7 @@ class MediaStreamsCaller:
             event = ReceivedEvent("media", now, payload=message.payload)
             if self.first_audio_at is None:
                 self.first_audio_at = now
+            self._audio += message.payload
             self.playback.audio(len(message.payload), now)
         elif isinstance(message, ServerMark):
             event = ReceivedEvent("mark", now, name=message.name)
@@ -485,7 +488,7 @@ class MediaStreamsCaller:
             await self._changed.wait_for(predicate)
 
     async def wait_for_audio(self, nbytes: int, within: float) -> bytes:
-        await self.wait_for(lambda: len(self.received_audio()) >= nbytes, within)
+        await self.wait_for(lambda: len(self._audio) >= nbytes, within)
         return self.received_audio()
 
     async def wait_closed(self, within: float) -> None:
@@ -493,7 +496,7 @@ class MediaStreamsCaller:
 
     def received_audio(self) -> bytes:
         """Every agent audio byte received, in order (including audio a ``clear`` cut off)."""
-        return b"".join(e.payload for e in self.events if e.kind == "media")
+        return bytes(self._audio)
 
     def events_of(self, kind: EventKind) -> list[ReceivedEvent]:
         return [e for e in self.events if e.kind == kind]
