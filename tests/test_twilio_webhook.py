@@ -175,7 +175,13 @@ async def test_a_retried_webhook_finds_the_call_it_created(
         twilio_post(api, VOICE_PATH, params, auth_token=phone.auth_token),
     )
     assert call_id_of(TwiML.parse(first)) == call_id_of(TwiML.parse(second))
-    assert len(await _calls_for(owner_conn, params["CallSid"])) == 1
+    [row] = await _calls_for(owner_conn, params["CallSid"])
+    # Once the call is under way, a replayed webhook gets no token for it.
+    await owner_conn.execute("UPDATE calls SET status = 'active' WHERE id = $1", row["id"])
+    replay = await twilio_post(api, VOICE_PATH, params, auth_token=phone.auth_token)
+    assert replay.status_code == 200
+    assert is_apology(TwiML.parse(replay))
+    assert "token" not in replay.text
 
 
 async def test_phone_tokens_fit_a_twilio_parameter(settings: Settings) -> None:

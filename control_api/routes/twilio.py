@@ -56,6 +56,8 @@ _FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
 # Caller details are copied into the call row and the agent's variables: bounded, never NUL.
 _MAX_FIELD_CHARS = 256
 _E164_CHARS = frozenset("+0123456789")
+# Twilio gives up on a webhook after 15 s; a repeat within this window is Twilio retrying.
+_RETRY_WINDOW_SECONDS = 60.0
 # Twilio's status callbacks for one call share these; a retried callback gets the same event id.
 _TELEPHONY_EVENT_NAMESPACE = uuid.UUID("6f0c3f5e-2a43-4c1b-9a55-8d2f1f7b9e21")
 
@@ -316,12 +318,19 @@ async def _create_call(conn: Conn, signed: _SignedRequest, agent: Any, call_sid:
         "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "twilio:" + call_sid
     )
     existing = await conn.fetchrow(
-        "SELECT id, status FROM calls WHERE provider_call_id = $1 AND direction = 'phone_inbound'",
+        """
+        SELECT id, status = 'created' AND created_at > now() - make_interval(secs => $2)
+            AS retry
+        FROM calls WHERE provider_call_id = $1 AND direction = 'phone_inbound'
+        """,
         call_sid,
+        _RETRY_WINDOW_SECONDS,
     )
     if existing is not None:
-        if existing["status"] in ("ended", "failed"):
-            _outcome("voice", "refused: this CallSid's call has ended", logging.WARNING)
+        if not existing["retry"]:
+            # A signature carries no timestamp: a captured webhook replayed later must not hand
+            # out a caller token for a call that is under way (or over).
+            _outcome("voice", "refused: a late repeat of this CallSid's webhook", logging.WARNING)
             raise _Refusal(200, twiml.TROUBLE)
         found: uuid.UUID = existing["id"]
         return found
