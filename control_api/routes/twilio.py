@@ -7,9 +7,11 @@ size limit, a missing signature refused before anything else, a rate limit per c
 called number (or CallSid), then one indexed lookup to learn the tenant, a few credential
 decryptions and HMACs.
 
-Every answer is TwiML (``text/xml``): 403 for a missing or invalid signature, 200 with a polite
-``<Say>`` and ``<Hangup/>`` for any other refusal (Twilio plays it to the caller), and each outcome
-is one log line without the call token.
+Answers are TwiML (``text/xml``): 403 for a missing or invalid signature, 200 with a polite
+``<Say>`` and ``<Hangup/>`` for any other refusal or failure (Twilio plays it to the caller). Only
+what Twilio never causes is a problem document: 415 (not a form), 429 (the flood guard, with
+Retry-After) and, for the status callback, 503 when the call log cannot be written. Each outcome
+is one log line, never with the call token.
 """
 
 from __future__ import annotations
