@@ -161,15 +161,19 @@ async def test_caller_audio_before_ready_is_held_then_delivered_in_order() -> No
 async def test_agent_audio_goes_out_as_media_then_mark() -> None:
     leg, _, sock, _ = make_leg()
     leg.play(b"\x10" * 800, "", 0.0)
-    leg.play(b"\x20" * 400, "ICAg", 0.0)  # the agent's base64 goes out as is
+    leg.play(b"\x20" * 3, "ICAg", 0.0)  # the agent's base64 goes out as is
     await settle()
     assert sock.kinds() == ["media", "mark", "media", "mark"]
     assert sock.frames[2]["media"]["payload"] == "ICAg"
+    # Base64 that holds anything else (here a quote) is encoded again from the audio.
+    leg.play(b"  ", 'IC"A=', 0.0)
+    await settle()
+    assert sock.frames[4]["media"]["payload"] == "ICA="
     names = [f["mark"]["name"] for f in sock.frames if f["event"] == "mark"]
     leg.mark_echoed(names[1])
     report = leg.report()
-    assert report["played_out_ms"] == 150
-    assert report["marks_sent"] == 2
+    assert report["played_out_ms"] == 100
+    assert report["marks_sent"] == 3
     assert report["marks_echoed"] == 1
 
 
