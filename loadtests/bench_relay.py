@@ -334,6 +334,8 @@ async def _measure(
     probes = options.probes if options.probes is not None else max(2, calls // 10)
     targets = await _targets(stack, servers, setup, calls, probes)
     count = max(1, min(options.generators, len(targets)))
+    # Before any caller connects: what a call costs includes its connection and its bridge.
+    result.rss_before_bytes = _total_rss(watched)
     generators = [await Generator.start(stack.logs / f"generator-{i}.log") for i in range(count)]
     try:
         for i, generator in enumerate(generators):
@@ -351,7 +353,6 @@ async def _measure(
             connected = await generator.receive(connect_budget)
             result.connected += connected["ok"].get(measured_kind, 0)
             result.errors += connected["errors"]
-        result.rss_before_bytes = _total_rss(watched)
 
         start_at = time.time() + START_DELAY_SECONDS
         measure_from = start_at + options.warmup
