@@ -3,7 +3,8 @@
 Admission, in order (each refusal is a ``connect_error`` whose data is ``{code, message}``, and
 one log line without the token): not draining → a call token in ``auth`` → its signature and
 claims (JWKS) → the connection rate of the client's address and tenant → the call's session from
-the control API (settings, upstream URL; refuses ended calls) → the agent's allowed origins →
+the control API (settings, upstream URL; refuses ended calls) → not a phone call's caller
+(``forbidden``: that caller is the phone line, relay.phone) → the agent's allowed origins →
 for a caller: a first connection before the token's connect-by, then a tenant slot. A caller
 whose call is already bridged here attaches to it (``resumed: true``); otherwise a new bridge
 starts the upstream conversation in the background, and ``call.ready`` follows when the agent
@@ -14,7 +15,9 @@ its bridge is here → attach as above; a live replica owns it → the client be
 participant (relay.cluster.remote: rooms joined here, traffic forwarded to the owner); nobody
 owns it, or its owner is dead → this replica claims the call and starts a bridge, a new upstream
 conversation when the call had one before (``call.ready`` {resumed: true}, new conversation id).
-Placement decisions for one call are serialized per replica.
+Placement decisions for one call are serialized per replica (relay.placement, shared with the
+phone streams). A phone call is pinned to its stream's replica: it is never taken over; a
+watcher that finds its owner dead ends it.
 
 Handlers run inline per connection (``async_handlers=False``): a client's audio frames reach the
 agent in the order they were sent, and a slow upstream slows only its own call.
