@@ -38,6 +38,14 @@ LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 STACK_START_SECONDS = 180.0
 STACK_STOP_SECONDS = 60.0
 LOOPBACK = "127.0.0.1"
+# Every locust user connects from the same address: per-address limits that protect a real
+# deployment would refuse a load test's calls. Used for a stack started here, unless set.
+LOAD_LIMITS = {
+    "RELAY_CONNECT_RATE_PER_MINUTE_PER_IP": "100000",
+    "RELAY_CONNECT_RATE_PER_MINUTE_PER_TENANT": "100000",
+    "RATE_LIMIT_API_PER_SECOND": "1000",
+    "RATE_LIMIT_API_BURST": "2000",
+}
 
 
 class StackUnavailable(RuntimeError):
@@ -81,7 +89,8 @@ def local_stack(state_dir: Path, log_path: Path, up_args: list[str]) -> Iterator
     command = [sys.executable, "-m", "voicerelay", "up", f"--state-dir={state_dir}", *up_args]
     print(f"loadtest: no stack answers; starting `{' '.join(command[2:])}`", file=sys.stderr)
     # Loopback only, whatever the shell's settings say: a load test opens no port to the network.
-    env = dict(os.environ, API_HOST=LOOPBACK, RELAY_HOST=LOOPBACK, EMULATOR_HOST=LOOPBACK)
+    env = dict(LOAD_LIMITS, **os.environ)
+    env.update(API_HOST=LOOPBACK, RELAY_HOST=LOOPBACK, EMULATOR_HOST=LOOPBACK)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             command,
