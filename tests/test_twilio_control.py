@@ -4,8 +4,10 @@ in the agent's transfer allow-list."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,7 @@ from tests.support.twilio import (
     VOICE_PATH,
     PhoneTenant,
     TwiML,
+    call_id_of,
     phone_tenant,
     twilio_post,
 )
@@ -62,6 +65,7 @@ class LiveCall:
     phone: PhoneTenant
     call_sid: str
     token: str
+    call_id: uuid.UUID
 
 
 async def _live_call(stack: Stack, tenant: NewTenant, *, known_to_twilio: bool = True) -> LiveCall:
@@ -72,7 +76,8 @@ async def _live_call(stack: Stack, tenant: NewTenant, *, known_to_twilio: bool =
         stack.twilio.add_call(phone.account_sid, params["CallSid"], to_number=phone.number)
     r = await twilio_post(stack.api, VOICE_PATH, params, auth_token=phone.auth_token)
     assert r.status_code == 200, r.text
-    return LiveCall(phone, params["CallSid"], TwiML.parse(r).parameters["token"])
+    twiml = TwiML.parse(r)
+    return LiveCall(phone, params["CallSid"], twiml.parameters["token"], call_id_of(twiml))
 
 
 def _service(settings: Settings) -> dict[str, str]:
@@ -207,6 +212,23 @@ async def test_transfer_dials_an_allowed_number(stack: Stack, tenant: NewTenant)
     twiml = request.form["Twiml"]
     assert "<Dial>+14155550123</Dial>" in twiml
     assert stack.twilio.calls[live.call_sid].twiml == twiml
+    # The call log says who the call went to.
+    async with asyncio.timeout(20):
+        while True:
+            r = await stack.api.get(f"/v1/calls/{live.call_id}", headers=auth(tenant))
+            logged = [e["data"] for e in r.json()["timeline"] if e["type"] == "telephony"]
+            if logged:
+                break
+            await asyncio.sleep(0.05)
+    assert logged == [
+        {
+            "provider": "twilio",
+            "call_status": "in-progress",
+            "call_sid": live.call_sid,
+            "action": "transfer",
+            "to": TRANSFER_TO,
+        }
+    ]
 
 
 async def test_transfer_outside_the_allow_list_is_refused(

@@ -26,6 +26,8 @@ from control_api.routes.internal import (
 )
 from control_api.telephony import rest, twiml
 from control_api.telephony.accounts import TwilioAccount, twilio_accounts
+from control_api.telephony.call_log import CallLogUnavailable, append_telephony_event
+from voicerelay.call_events import InvalidCallEvent
 from voicerelay.call_token import MAX_TOKEN_LENGTH
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class TransferResult(BaseModel):
 
 @dataclass(frozen=True)
 class _PhoneCall:
+    tenant_id: uuid.UUID
     call_id: uuid.UUID
     call_sid: str
     transfer_numbers: list[str]
@@ -89,6 +92,7 @@ async def _phone_call(call: ApiCall[Any, Any], token: str) -> _PhoneCall:
             409, "credential_unusable", "The tenant has no Twilio credential for this call."
         )
     return _PhoneCall(
+        tenant_id=claims.tenant_id,
         call_id=claims.call_id,
         call_sid=twilio["call_sid"],
         transfer_numbers=list(row["transfer_numbers"] or []),
@@ -96,9 +100,13 @@ async def _phone_call(call: ApiCall[Any, Any], token: str) -> _PhoneCall:
     )
 
 
-async def _update(call: ApiCall[Any, Any], phone: _PhoneCall, form: dict[str, str]) -> None:
+async def _update(
+    call: ApiCall[Any, Any], phone: _PhoneCall, form: dict[str, str], **logged: str
+) -> None:
+    """Update the live call, then note it in the call log (best effort: the call log is the
+    record, not a condition for hanging up or transferring)."""
     settings = call.state.settings
-    await rest.update_call(
+    resource = await rest.update_call(
         call.state.http,
         settings.twilio_api_url,
         phone.account,
@@ -106,6 +114,23 @@ async def _update(call: ApiCall[Any, Any], phone: _PhoneCall, form: dict[str, st
         form,
         timeout_seconds=settings.twilio_timeout_seconds,
     )
+    status = resource.get("status")
+    try:
+        await append_telephony_event(
+            call.state,
+            tenant_id=phone.tenant_id,
+            call_id=phone.call_id,
+            data={
+                "call_status": status if isinstance(status, str) else "unknown",
+                "call_sid": phone.call_sid,
+                **logged,
+            },
+        )
+    except (InvalidCallEvent, CallLogUnavailable) as exc:
+        log.warning(
+            "the phone call's update is not in its call log",
+            extra={"call_sid": phone.call_sid, "error": type(exc).__name__},
+        )
 
 
 def _twilio_problem(exc: rest.TwilioError, action: str, call_sid: str) -> Problem:
@@ -147,7 +172,7 @@ async def hangup(call: ApiCall[Any, Any]) -> HangupResult:
         log.info("Twilio hang-up skipped (TWILIO_HANGUP_ON_AGENT_END is off)")
         return HangupResult(status="skipped")
     try:
-        await _update(call, phone, {"Status": "completed"})
+        await _update(call, phone, {"Status": "completed"}, action="hangup")
     except rest.CallNotLive:
         log.info("Twilio hang-up: the call had already ended", extra={"call_sid": phone.call_sid})
         return HangupResult(status="already_ended")
@@ -190,7 +215,7 @@ async def transfer(call: ApiCall[Any, Any]) -> TransferResult:
             403, "transfer_not_allowed", "The agent may not transfer calls to this number."
         )
     try:
-        await _update(call, phone, {"Twiml": twiml.dial(number)})
+        await _update(call, phone, {"Twiml": twiml.dial(number)}, action="transfer", to=number)
     except rest.CallNotLive:
         raise Problem(409, "call_ended", "The phone call has already ended.") from None
     except rest.TwilioError as exc:

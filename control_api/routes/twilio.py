@@ -38,6 +38,7 @@ from control_api.ratelimit import Rate, enforce
 from control_api.state import AppState
 from control_api.telephony import twiml
 from control_api.telephony.accounts import is_call_sid, normalize_account_sid, twilio_accounts
+from control_api.telephony.call_log import CallLogUnavailable, append_telephony_event
 from control_api.telephony.prefetch import prefetch_upstream_url
 from control_api.telephony.signature import (
     SHARED_KEY_SETTINGS_HEADER,
@@ -46,7 +47,7 @@ from control_api.telephony.signature import (
     public_request_url,
     signature_is_valid,
 )
-from voicerelay.call_events import InvalidCallEvent, append_call_event, make_event
+from voicerelay.call_events import InvalidCallEvent
 from voicerelay.logs import call_id_var, tenant_id_var
 from voicerelay.tenant_calls import count_active_calls
 
@@ -415,8 +416,8 @@ async def _record_status(call: ApiCall[Any, Any], signature: str, params: FormPa
     sequence = _non_negative_int(params.first("SequenceNumber"))
     occurred_at = _twilio_time(params.first("Timestamp"))
     try:
-        event = make_event(
-            "telephony",
+        await append_telephony_event(
+            state,
             tenant_id=signed.tenant_id,
             call_id=call_id,
             seq=sequence or 0,
@@ -426,7 +427,6 @@ async def _record_status(call: ApiCall[Any, Any], signature: str, params: FormPa
                 f"{call_sid}|{status}|{sequence}|{occurred_at.isoformat()}",
             ),
             data={
-                "provider": "twilio",
                 "call_status": status,
                 "call_sid": call_sid,
                 "duration_seconds": _non_negative_int(params.first("CallDuration")),
@@ -436,15 +436,7 @@ async def _record_status(call: ApiCall[Any, Any], signature: str, params: FormPa
     except InvalidCallEvent as exc:
         _outcome("status", f"ignored: {exc.reason}", logging.WARNING, call_sid=call_sid)
         return _twiml(twiml.empty())
-    settings = state.settings
-    try:
-        await append_call_event(
-            state.redis,
-            settings.redis_key(settings.call_events_stream),
-            event,
-            maxlen=settings.call_events_stream_maxlen,
-        )
-    except (RedisError, OSError, TimeoutError):
+    except CallLogUnavailable:
         _outcome("status", "failed: the call log is unavailable", logging.ERROR, call_sid=call_sid)
         raise Problem(503, "unavailable", "The call log is unavailable; retry later.") from None
     _outcome("status", f"recorded {status}", call_sid=call_sid, call_id=str(call_id))
