@@ -20,9 +20,10 @@ Semantics the consumer relies on:
   producer that takes a call over from another must continue from the last reported totals.
 - ``ended`` is the single terminal event; ``failed: true`` marks calls that ended because
   something broke (rather than a normal hang-up by either side).
-- ``telephony`` records what the phone network said (Twilio's status callback, appended by the
-  control API): it is kept in the log but changes no call field, because the relay's own events
-  know better who ended the call and why.
+- ``telephony`` records what the phone network said or was told, appended by the control API:
+  Twilio's status callbacks, and the hang-ups and transfers it made (``action``, ``to``). It is
+  kept in the log but changes no call field: the relay's own events know better who ended the
+  call and why.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ class ErrorData(_Data):
 
 
 class TelephonyData(_Data):
-    """What the phone network reported about the call (e.g. Twilio's status callback)."""
+    """What the phone network reported about the call (Twilio's status callback), or what the
+    control API asked of it (extra fields ``action``: hangup|transfer, ``to``)."""
 
     provider: Literal["twilio"]
     call_status: str = Field(pattern=r"^[a-z][a-z-]{0,39}$")
