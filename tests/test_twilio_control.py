@@ -153,6 +153,28 @@ async def test_rejected_credentials_are_a_twilio_error(stack: Stack, tenant: New
     assert live.phone.auth_token not in r.text
 
 
+async def test_an_older_credential_of_the_account_is_tried_after_a_rejected_one(
+    stack: Stack, tenant: NewTenant
+) -> None:
+    """Mid-rotation the tenant may store the account twice; the newest is tried first."""
+    live = await _live_call(stack, tenant)
+    r = await stack.api.post(
+        "/v1/credentials",
+        headers=auth(tenant),
+        json={
+            "provider": "twilio",
+            "name": "Twilio, new token (not active in Twilio yet)",
+            "account_sid": live.phone.account_sid,
+            "auth_token": "not_yet_active_token_0123456789",
+        },
+    )
+    assert r.status_code == 201, r.text
+    r = await _post(stack.api, stack.settings, "hangup", token=live.token)
+    assert r.status_code == 200, r.text
+    tried = _requests_for(stack.twilio, live.call_sid)
+    assert [(t.authenticated, t.status) for t in tried] == [(False, 401), (True, 200)]
+
+
 async def test_unreachable_twilio_is_twilio_unavailable(stack: Stack, tenant: NewTenant) -> None:
     live = await _live_call(stack, tenant)
     settings = stack.settings.model_copy(

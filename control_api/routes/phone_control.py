@@ -59,7 +59,8 @@ class _PhoneCall:
     call_id: uuid.UUID
     call_sid: str
     transfer_numbers: list[str]
-    account: TwilioAccount
+    # Newest first; an older one is tried when Twilio rejects a newer (mid-rotation).
+    accounts: list[TwilioAccount]
 
 
 async def _phone_call(call: ApiCall[Any, Any], token: str) -> _PhoneCall:
@@ -96,7 +97,7 @@ async def _phone_call(call: ApiCall[Any, Any], token: str) -> _PhoneCall:
         call_id=claims.call_id,
         call_sid=twilio["call_sid"],
         transfer_numbers=list(row["transfer_numbers"] or []),
-        account=accounts[0],
+        accounts=accounts,
     )
 
 
@@ -106,14 +107,21 @@ async def _update(
     """Update the live call, then note it in the call log (best effort: the call log is the
     record, not a condition for hanging up or transferring)."""
     settings = call.state.settings
-    resource = await rest.update_call(
-        call.state.http,
-        settings.twilio_api_url,
-        phone.account,
-        phone.call_sid,
-        form,
-        timeout_seconds=settings.twilio_timeout_seconds,
-    )
+    assert phone.accounts, "_phone_call refuses calls without a Twilio credential"
+    for attempt, account in enumerate(phone.accounts, start=1):
+        try:
+            resource = await rest.update_call(
+                call.state.http,
+                settings.twilio_api_url,
+                account,
+                phone.call_sid,
+                form,
+                timeout_seconds=settings.twilio_timeout_seconds,
+            )
+            break
+        except rest.TwilioAuthError:
+            if attempt == len(phone.accounts):
+                raise
     status = resource.get("status")
     try:
         await append_telephony_event(
