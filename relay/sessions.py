@@ -145,7 +145,6 @@ class InternalClient:
 
 
 class SessionClient(InternalClient):
-
     async def fetch(self, token: str) -> CallSession:
         try:
             session = await self._fetch(token)
