@@ -528,6 +528,19 @@ def test_end_call() -> None:
     assert s.next_deadline() is None
 
 
+def test_text_commands_map_other_texts_to_scripted_commands() -> None:
+    keypad = "The caller pressed 9 on the keypad."
+    s = started(text_commands={keypad: "end", "transfer me": 'tool:transfer {"to": "+1"}'})
+    s.receive_text(user_message("transfer me"), 0.0)
+    messages = out(s)
+    # The transcript shows what was said; the agent acts on the mapped command.
+    assert messages[0]["user_transcription_event"]["user_transcript"] == "transfer me"
+    assert messages[1]["client_tool_call"]["tool_name"] == "transfer"
+    s.receive_text(user_message(keypad), 0.1)
+    assert [m["type"] for m in out(s)][-2:] == ["agent_tool_response", "close"]
+    assert s.closed
+
+
 def test_quota_error_is_flat() -> None:
     s = started()
     s.receive_text(user_message("error:quota"), 0.0)

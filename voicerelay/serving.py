@@ -211,7 +211,14 @@ async def serve_api(settings: Settings, host: str, port: int) -> None:
 
 def relay_service(settings: Settings, host: str, port: int) -> Service:
     from relay.app import create_app
+    from relay.sio_server import FRAME_OVERHEAD_BYTES
 
+    # uvicorn buffers a whole WebSocket message (16 MiB by default) before the app can refuse
+    # it: cap it just above the largest message either endpoint accepts.
+    largest = max(
+        settings.relay_max_audio_chunk_bytes + FRAME_OVERHEAD_BYTES,
+        settings.relay_twilio_max_message_bytes,
+    )
     return make_service(
         "relay",
         create_app(settings),
@@ -219,6 +226,7 @@ def relay_service(settings: Settings, host: str, port: int) -> Service:
         port=port,
         settings=settings,
         ws_per_message_deflate=False,  # audio gains nothing from compression; it costs CPU
+        ws_max_size=largest + 1024,
     )
 
 

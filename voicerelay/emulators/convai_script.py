@@ -41,7 +41,8 @@ What the agent does (each part configurable per ``EmulatedAgent``):
   ``multimodal_message`` are accepted silently and recorded in the stats.
 - ``unresponsive=True`` agents accept the socket and never send anything (not even metadata).
 
-Scripted ``user_message`` texts (anything else gets ``user_transcript`` + ``agent_response``
+Scripted ``user_message`` texts (``EmulatedAgent.text_commands`` can map any other text to one of
+them; anything else gets ``user_transcript`` + ``agent_response``
 "You said: <text>" + ``text_reply_seconds`` of tone):
 
 - ``tool:<name> {json}`` → ``client_tool_call`` {tool_name, tool_call_id, parameters, event_id};
@@ -150,6 +151,10 @@ class EmulatedAgent:
     # Dotted override paths the agent allows (a prefix allows everything below it); None = all.
     allowed_overrides: frozenset[str] | None = None
     unresponsive: bool = False
+    # A user_message with exactly this text runs that scripted command instead (e.g.
+    # {"The caller pressed 9 on the keypad.": "end"}): how a test makes an agent react to what a
+    # phone caller can send, DTMF, the way a real agent's LLM would decide to.
+    text_commands: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for fmt in (self.input_format, self.output_format):
@@ -569,6 +574,7 @@ class ConvAIScript:
             "user_transcript",
             user_transcription_event={"user_transcript": text, "event_id": self._next_id()},
         )
+        text = self.agent.text_commands.get(text.strip(), text)
         command, _, argument = text.strip().partition(":")
         if text.strip() == "end":
             self._end_call(now)
