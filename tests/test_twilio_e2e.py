@@ -1,17 +1,21 @@
 """A phone call end to end, every hop real except Twilio and ElevenLabs: the signed voice webhook
 → TwiML → the Media Streams client emulator connects to the TwiML's Stream URL with its
-Parameters → the relay → the emulated agent speaks → the agent ends the call → the control API
-hangs it up through the Twilio REST emulator with the tenant's account SID and auth token."""
+Parameters → the relay → the emulated agent speaks → the caller presses a key (DTMF reaches the
+agent as a user message) → the agent ends the call with its end_call tool, or asks for a transfer
+→ the control API hangs up or transfers through the Twilio REST emulator with the tenant's account
+SID and auth token."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
 from control_api.bootstrap import NewTenant
+from tests.support.attack import unique_phone_number
 from tests.support.relay_stack import RelayStack, relay_stack
 from tests.support.tenants import auth
 from tests.support.twilio import (
@@ -29,13 +33,18 @@ from voicerelay.emulators.twilio_media import ULAW_SILENCE, MediaStreamsCaller
 from voicerelay.settings import Settings
 
 ULAW = parse_format("ulaw_8000")
-# The agent ends the call itself a few seconds in (its maximum duration), after echoing the
-# caller; the relay treats any close of the agent's side as the agent ending the call.
+TRANSFER_TO = unique_phone_number()
+# What a real agent's LLM would decide on these key presses: 9 hangs up (end_call), 0 transfers.
 AGENT = EmulatedAgent(
     input_format="ulaw_8000",
     output_format="ulaw_8000",
     realtime=False,
-    max_duration_seconds=4.0,
+    text_commands={
+        "The caller pressed 9 on the keypad.": "end",
+        "The caller pressed 0 on the keypad.": (
+            "tool:transfer_to_number " + json.dumps({"phone_number": TRANSFER_TO})
+        ),
+    },
 )
 
 
@@ -83,6 +92,7 @@ async def test_webhook_stream_agent_hang_up(stack: RelayStack, tenant: NewTenant
             await caller.send_audio(spoken + ULAW_SILENCE * 4800)
             heard = await caller.wait_for_audio(len(spoken), within=20)
             assert heard == spoken  # the agent spoke (echoed the caller, μ-law untouched)
+            await caller.send_dtmf("9")  # the agent hangs up on it (end_call)
             await caller.wait_closed(within=30)
             assert caller.close_code == 1000
 
@@ -127,3 +137,54 @@ async def test_webhook_stream_agent_hang_up(stack: RelayStack, tenant: NewTenant
         assert by_action["hangup"]["call_status"] == "completed"
         assert by_action[None]["call_status"] == "completed"
         assert by_action[None]["duration_seconds"] == 5
+
+
+async def test_agent_transfers_the_call_to_an_allowed_number(
+    stack: RelayStack, tenant: NewTenant
+) -> None:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=20) as api:
+        el_agent = "agent_e2e_transfer"
+        stack.emulator.agents[el_agent] = AGENT
+        phone = await phone_tenant(
+            api,
+            tenant,
+            elevenlabs_agent_id=el_agent,
+            elevenlabs_credential_id=await stack.credential(api, tenant),
+            transfer_numbers=[TRANSFER_TO],
+        )
+        twilio = stack.twilio_rest
+        twilio.accounts[phone.account_sid] = phone.auth_token
+        params = phone.voice_params()
+        call_sid = params["CallSid"]
+        twilio.add_call(phone.account_sid, call_sid, to_number=phone.number)
+        public = stack.settings.public_api_url + VOICE_PATH
+        r = await twilio_post(
+            api, VOICE_PATH, params, auth_token=phone.auth_token, signed_url=public
+        )
+        assert r.status_code == 200, r.text
+        twiml = TwiML.parse(r)
+        call_id = call_id_of(twiml)
+
+        async with MediaStreamsCaller.connect(
+            twiml.stream_url,
+            custom_parameters=twiml.parameters,
+            call_sid=call_sid,
+            account_sid=phone.account_sid,
+        ) as caller:
+            await caller.send_audio(ULAW_SILENCE * 800)  # 100 ms: the call is up
+            await caller.send_dtmf("0")  # the agent asks for a transfer
+            updates = await eventually(
+                lambda: [r for r in twilio.requests if r.call_sid == call_sid], timeout=20
+            )
+            # Twilio stops the stream of a redirected call; the relay ends the call meanwhile.
+            await caller.wait_closed(within=30)
+
+        [update] = updates
+        assert update.authenticated
+        assert update.auth_user == phone.account_sid
+        assert set(update.form) == {"Twiml"}
+        assert f"<Dial>{TRANSFER_TO}</Dial>" in update.form["Twiml"]
+        assert twilio.calls[call_sid].twiml == update.form["Twiml"]
+        record = await call_log(api, tenant, str(call_id))
+        assert record["end_reason"] == "transferred"
+        assert record["ended_by"] == "agent"
