@@ -51,6 +51,7 @@ from prometheus_client import Counter
 
 from relay.cluster import envelope as env
 from relay.cluster.channels import Channels, KeyFunction, replica_tag, sid_tag, tagged_sid
+from relay.cluster.emit_packets import EmitPackets
 from relay.cluster.envelope import Envelope, EnvelopeError, Kind
 from relay.cluster.pubsub import PubSub, ReconnectCallback
 from voicerelay.settings import Settings
@@ -166,6 +167,7 @@ class RelayClientManager(socketio.AsyncManager):  # type: ignore[misc]
         self._writes = asyncio.Lock()  # this replica's writes to room-replicas sets
         self._tasks: set[asyncio.Task[Any]] = set()
         self._refresher: asyncio.Task[None] | None = None
+        self._emit_packets: EmitPackets | None = None
         self.pubsub.on_reconnect(self._reassert)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -422,9 +424,7 @@ class RelayClientManager(socketio.AsyncManager):  # type: ignore[misc]
         room = to or room
         namespace = namespace or "/"
         if kwargs.get("ignore_queue"):
-            await super().emit(
-                event, data, namespace, room=room, skip_sid=skip_sid, callback=callback
-            )
+            await self._emit_local(event, data, namespace, room, skip_sid, callback)
             return
         if room is None:
             await self._broadcast(event, data, namespace, skip_sid, callback)
@@ -434,9 +434,7 @@ class RelayClientManager(socketio.AsyncManager):  # type: ignore[misc]
         state = self._rooms.get((namespace, room))
         if state is None or not state.watching:
             if self.is_sid_room(namespace, room):  # a local client
-                await super().emit(
-                    event, data, namespace, room=room, skip_sid=skip_sid, callback=callback
-                )
+                await self._emit_local(event, data, namespace, room, skip_sid, callback)
                 return
             tag = sid_tag(room)
             if tag is not None:  # a client of another replica (or one gone from here)
@@ -469,9 +467,38 @@ class RelayClientManager(socketio.AsyncManager):  # type: ignore[misc]
             )
             self._publish(state.channel, Kind.EMIT, message)
         if self._has_local(namespace, room):
+            await self._emit_local(event, data, namespace, room, skip_sid, callback)
+
+    async def _emit_local(
+        self, event: str, data: Any, namespace: str, room: Any, skip_sid: Any, callback: Any
+    ) -> None:
+        """Deliver to the local members of ``room`` (or every local client when None).
+
+        Without an acknowledgement callback every recipient gets the same packets, encoded
+        once, handed to each recipient's Engine.IO socket in turn. AsyncManager.emit does the
+        same through a task per packet per recipient (two per audio chunk) and a wait on them
+        all, which on the per-frame path costs more than the encoding. Engine.IO's per-socket
+        queues are unbounded, so handing a packet over never waits on a slow client.
+        """
+        if callback is not None:
             await super().emit(
                 event, data, namespace, room=room, skip_sid=skip_sid, callback=callback
             )
+            return
+        if namespace not in self.rooms:
+            return
+        skip = skip_sid if isinstance(skip_sid, list) else [skip_sid]
+        # A list first: the room may change while a send below waits.
+        recipients = [eio for sid, eio in self.get_participants(namespace, room) if sid not in skip]
+        if not recipients:
+            return
+        if self._emit_packets is None:
+            self._emit_packets = EmitPackets(self.server.packet_class)
+        packets = self._emit_packets.encode(event, data, namespace)
+        send = self.server._send_eio_packet
+        for eio_sid in recipients:
+            for packet in packets:
+                await send(eio_sid, packet)
 
     async def _broadcast(
         self, event: str, data: Any, namespace: str, skip_sid: Any, callback: Any
@@ -549,12 +576,8 @@ class RelayClientManager(socketio.AsyncManager):  # type: ignore[misc]
         if message.origin == self.replica_id:
             return
         self.stats.delivered += 1
-        await super().emit(
-            message.event,
-            message.data,
-            message.namespace,
-            room=message.room,
-            skip_sid=message.skip_sid,
+        await self._emit_local(
+            message.event, message.data, message.namespace, message.room, message.skip_sid, None
         )
 
     async def _on_broadcast(self, data: bytes) -> None:
