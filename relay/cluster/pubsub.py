@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -114,6 +115,8 @@ class PubSub:
         self._listen_client: aioredis.Redis | None = None
         self._publish_client: aioredis.Redis | None = None
         self._closing = False
+        self._heard = True  # the reader got something since the watchdog last looked
+        self._silent = False  # the watchdog closed the connection: no reply to its PING
 
     # --- lifecycle ------------------------------------------------------------------------------
     @property
@@ -289,6 +292,7 @@ class PubSub:
         conn: AbstractConnection = self._listen_client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         try:
             await conn.connect()  # type: ignore[no-untyped-call]
+            _quiet_push_handler(conn)
             if self.sharded is None:
                 await self._detect_sharding(conn)
             self._conn = conn
@@ -324,33 +328,60 @@ class PubSub:
                 await asyncio.gather(*(asyncio.shield(w) for w in waiters))
 
     async def _read(self, conn: AbstractConnection) -> None:
+        # No timeout per read (one would cost a timer per message): a watchdog looks at the
+        # connection once an interval instead.
+        self._heard, self._silent = True, False
+        watchdog = asyncio.create_task(self._watch_silence(conn), name="pubsub-silence")
+        try:
+            while True:
+                try:
+                    response = await conn.read_response(
+                        timeout=math.inf, disconnect_on_error=True, push_request=True
+                    )
+                except Exception:
+                    if self._silent:
+                        raise ConnectionError("no reply to PING from Redis") from None
+                    raise
+                self._heard = True
+                if not isinstance(response, list) or len(response) < 3:
+                    continue  # PONG and anything else we did not ask for
+                kind, channel, data = response[0], response[1], response[2]
+                if kind in _MESSAGE_TYPES:
+                    handler = self._wanted.get(channel)
+                    if handler is not None:
+                        await self._dispatch(handler, channel, data)
+                elif kind in _SUBSCRIBED_TYPES:
+                    waiters = self._pending.get(channel)
+                    if waiters:
+                        waiter = waiters.popleft()
+                        if not waiters:
+                            del self._pending[channel]
+                        if not waiter.done():
+                            waiter.set_result(None)
+        finally:
+            watchdog.cancel()
+
+    async def _watch_silence(self, conn: AbstractConnection) -> None:
+        """A whole interval without a message: PING. Another one without the reply: the server
+        is gone or frozen (its socket may stay open), so the connection is closed, which ends
+        the reader's read."""
         ping_sent = False
         while True:
-            response = await conn.read_response(
-                timeout=self._ping_interval, disconnect_on_error=True, push_request=True
-            )
-            if response is None:  # silence for a whole interval
-                if ping_sent:
-                    raise ConnectionError("no reply to PING from Redis")
-                await conn.send_command("PING", check_health=False)
-                ping_sent = True
+            self._heard = False
+            await asyncio.sleep(self._ping_interval)
+            if self._heard:
+                ping_sent = False
                 continue
-            ping_sent = False
-            if not isinstance(response, list) or len(response) < 3:
-                continue  # PONG and anything else we did not ask for
-            kind, channel, data = response[0], response[1], response[2]
-            if kind in _MESSAGE_TYPES:
-                handler = self._wanted.get(channel)
-                if handler is not None:
-                    await self._dispatch(handler, channel, data)
-            elif kind in _SUBSCRIBED_TYPES:
-                waiters = self._pending.get(channel)
-                if waiters:
-                    waiter = waiters.popleft()
-                    if not waiters:
-                        del self._pending[channel]
-                    if not waiter.done():
-                        waiter.set_result(None)
+            if ping_sent:
+                self._silent = True
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+                return
+            try:
+                await conn.send_command("PING", check_health=False)
+            except Exception:
+                return  # the connection is gone: the reader finds out by itself
+            ping_sent = True
 
     async def _dispatch(self, handler: Handler, channel: bytes, data: Any) -> None:
         try:
@@ -402,46 +433,66 @@ class PubSub:
     async def _publish_loop(self) -> None:
         await self._mode_known.wait()
         assert self._publish_client is not None
-        client = self._publish_client
+        pool = self._publish_client.connection_pool
+        packer = PublishPacker(self._command("PUBLISH"))
+        conn: AbstractConnection | None = None
         backoff = _FIRST_BACKOFF
         failing_since: float | None = None
-        while True:
-            if not self._queue:
-                self._idle.set()
-                await self._wake.wait()
-            self._wake.clear()
-            batch = self._take_batch()
-            if not batch:
-                continue
-            command = self._command("PUBLISH")
-            try:
-                pipe = client.pipeline(transaction=False)
-                for channel, message in batch:
-                    pipe.execute_command(command, channel, message)
-                await pipe.execute()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                _DROPPED_REDIS_ERROR.inc(len(batch))
-                if failing_since is None:
-                    failing_since = time.monotonic()
-                    log.error(
-                        "pub/sub publishing failed; dropping %d messages while Redis is "
-                        "unreachable (%s: %s)",
-                        len(batch),
-                        type(exc).__name__,
-                        exc,
+        try:
+            while True:
+                if not self._queue:
+                    self._idle.set()
+                    await self._wake.wait()
+                self._wake.clear()
+                batch = self._take_batch()
+                if not batch:
+                    continue
+                try:
+                    if conn is None or not conn.is_connected:
+                        conn = await self._connect_publisher(pool)
+                    # The whole batch in one write; then its replies (one integer each), so a
+                    # failure or a silent server is noticed here (socket timeout), not ignored.
+                    await conn.send_packed_command(packer.pack(batch), check_health=False)
+                    for _ in batch:
+                        await conn.read_response()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    _DROPPED_REDIS_ERROR.inc(len(batch))
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            await conn.disconnect(nowait=True)
+                        conn = None
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        log.error(
+                            "pub/sub publishing failed; dropping %d messages while Redis is "
+                            "unreachable (%s: %s)",
+                            len(batch),
+                            type(exc).__name__,
+                            exc,
+                        )
+                    await asyncio.sleep(backoff)
+                    backoff = min(self._backoff_cap, backoff * 2)
+                    continue
+                self.published += len(batch)
+                if failing_since is not None:
+                    log.warning(
+                        "pub/sub publishing works again after %.1f s",
+                        time.monotonic() - failing_since,
                     )
-                await asyncio.sleep(backoff)
-                backoff = min(self._backoff_cap, backoff * 2)
-                continue
-            self.published += len(batch)
-            if failing_since is not None:
-                log.warning(
-                    "pub/sub publishing works again after %.1f s", time.monotonic() - failing_since
-                )
-                failing_since = None
-            backoff = _FIRST_BACKOFF
+                    failing_since = None
+                backoff = _FIRST_BACKOFF
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+
+    @staticmethod
+    async def _connect_publisher(pool: aioredis.ConnectionPool) -> AbstractConnection:
+        conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
+        await conn.connect()  # type: ignore[no-untyped-call]
+        return conn
 
     def _take_batch(self) -> list[tuple[bytes, bytes]]:
         oldest = time.monotonic() - self._max_delay
@@ -453,3 +504,50 @@ class PubSub:
                 continue
             batch.append((channel, message))
         return batch
+
+
+async def _push_as_is(response: Any) -> Any:
+    return response
+
+
+def _quiet_push_handler(conn: AbstractConnection) -> None:
+    """redis-py's hiredis parser hands every pub/sub message to a default handler that builds a
+    debug line from the whole message (its payload's repr) before the logger drops it: per
+    message, that costs about what the delivery does. redis-py's own PubSub replaces the
+    handler the same way when given one."""
+    parser = getattr(conn, "_parser", None)
+    setter = getattr(parser, "set_pubsub_push_handler", None)
+    if setter is not None:
+        setter(_push_as_is)
+
+
+class PublishPacker:
+    """RESP encoding of (S)PUBLISH commands, for one write per batch (sans-I/O).
+
+    What redis-py's pipeline would send, without its per-command machinery: each channel's part
+    of the command is encoded once and kept (a replica publishes on a few hundred channels at
+    most; the bound only keeps a long-lived process from collecting dead calls' channels).
+    """
+
+    MAX_CHANNELS = 4096
+
+    def __init__(self, command: str) -> None:
+        name = command.encode()
+        self._head = b"*3\r\n$%d\r\n%s\r\n" % (len(name), name)
+        self._channels: dict[bytes, bytes] = {}
+
+    def pack(self, batch: list[tuple[bytes, bytes]]) -> bytes:
+        parts: list[bytes] = []
+        append = parts.append
+        for channel, message in batch:
+            prefix = self._channels.get(channel)
+            if prefix is None:
+                if len(self._channels) >= self.MAX_CHANNELS:
+                    self._channels.clear()
+                prefix = self._head + b"$%d\r\n%s\r\n" % (len(channel), channel)
+                self._channels[channel] = prefix
+            append(prefix)
+            append(b"$%d\r\n" % len(message))
+            append(message)
+            append(b"\r\n")
+        return b"".join(parts)
