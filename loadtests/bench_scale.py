@@ -78,6 +78,9 @@ class Options:
     frame_ms: int
     talk_ms: int
     connect_timeout: float
+    # Run each replica under cProfile and keep its stats here (CPU figures then include
+    # the profiler's overhead: for finding hot spots, not for the table).
+    profile: Path | None = None
 
     @property
     def talk_frames(self) -> int:
@@ -212,7 +215,9 @@ class Replica:
         return ""
 
 
-def spawn_replicas(stack: BenchStack, count: int, manager: str) -> list[Replica]:
+def spawn_replicas(
+    stack: BenchStack, count: int, manager: str, profile: Path | None = None
+) -> list[Replica]:
     started: list[Replica] = []
     for index in range(count):
         port = free_port()
@@ -226,9 +231,14 @@ def spawn_replicas(stack: BenchStack, count: int, manager: str) -> list[Replica]
             RELAY_PUBLIC_URL=f"ws://127.0.0.1:{port}",
             RELAY_CLIENT_MANAGER=manager,
         )
+        command = [sys.executable, "-m", "voicerelay", "relay"]
+        if profile is not None:
+            # cProfile writes its stats when the replica exits (SIGTERM drains, then exits).
+            stats = profile / f"{relay_id}.prof"
+            command[1:1] = ["-m", "cProfile", "-o", str(stats)]
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "voicerelay", "relay"],
+                command,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -390,7 +400,7 @@ def measure(
     cross = sum(cross_replica(i, options.cross, count) for i in range(options.calls))
     result = Measurement(manager=manager, replicas=count, calls=options.calls, cross_calls=cross)
     result.load_average = os.getloadavg()[0]
-    servers = spawn_replicas(stack, count, manager)
+    servers = spawn_replicas(stack, count, manager, options.profile)
     try:
         asyncio.run(_measure(stack, redis_pid, servers, result, options))
     except Exception as exc:
@@ -572,6 +582,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument("--connect-timeout", type=float, default=30.0)
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     parser.add_argument("--logs", type=Path, default=None, help="Keep service logs here.")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="Run the replicas under cProfile, stats (<relay id>.prof) here; inflates CPU.",
+    )
     args = parser.parse_args(argv)
     managers = [m.strip() for m in args.managers.split(",") if m.strip()]
     if not managers or set(managers) - set(CHOICES):
@@ -590,7 +606,10 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         frame_ms=args.frame_ms,
         talk_ms=args.talk_ms,
         connect_timeout=args.connect_timeout,
+        profile=args.profile,
     )
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     return options, args
 
 
