@@ -428,6 +428,8 @@ async def cluster(
                 redis_url=redis_server.url,
                 redis_key_prefix=prefix,
                 elevenlabs_api_url=emulator_url,
+                # The emulator serves Twilio's REST Calls resource too (phone hang-ups).
+                twilio_api_url=emulator_url,
                 rate_limit_api_per_second=100_000.0,
                 rate_limit_api_burst=100_000,
             )
