@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from control_api.problems import Problem, validation_errors
+from control_api.security.password_change import require_chosen_password
 
 if TYPE_CHECKING:
     from control_api.principal import Principal
@@ -89,6 +90,8 @@ class Endpoint:
     response_media_type: str = "application/json"
     # Error statuses answered with something other than a problem document (e.g. TwiML).
     error_media_types: dict[int, str] = field(default_factory=dict)
+    # Also open to a user who must still replace a one-time password (changing it, only).
+    before_password_change: bool = False
 
     def route(self) -> Route:
         return Route(self.path, self._asgi, methods=[self.method], name=self.handler.__name__)
@@ -98,6 +101,8 @@ class Endpoint:
         principal = None
         if self.auth:
             principal = await state.authenticate(request)
+            if not self.before_password_change:
+                require_chosen_password(principal)
             if ROLE_RANK[principal.role] < ROLE_RANK[self.role]:
                 raise Problem(403, "forbidden", f"This action needs the {self.role} role.")
             await state.limit_principal(principal)
@@ -282,6 +287,7 @@ class EndpointGroup:
         raw_request: bool = False,
         response_media_type: str = "application/json",
         error_media_types: dict[int, str] | None = None,
+        before_password_change: bool = False,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.endpoints.append(
@@ -303,6 +309,7 @@ class EndpointGroup:
                     raw_request=raw_request,
                     response_media_type=response_media_type,
                     error_media_types=error_media_types or {},
+                    before_password_change=before_password_change,
                 )
             )
             return handler

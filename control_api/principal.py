@@ -13,6 +13,8 @@ class Principal:
     kind: Literal["user", "api_key"]
     subject_id: uuid.UUID
     role: Literal["viewer", "admin", "owner"]
+    # A user signed in with a one-time password: only choosing a new one is allowed.
+    must_change_password: bool = False
 
     @property
     def rate_limit_key(self) -> str:

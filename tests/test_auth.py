@@ -23,7 +23,7 @@ async def test_login_returns_tokens_and_user(http: httpx.AsyncClient, tenant: Ne
         "email": tenant.owner_email,
         "role": "owner",
         "tenant_id": str(tenant.tenant_id),
-        "must_change_password": True,
+        "must_change_password": False,
     }
     me = await http.get("/v1/me", headers=bearer(body["access_token"]))
     assert me.status_code == 200

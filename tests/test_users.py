@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from control_api.bootstrap import NewTenant
-from tests.support.sessions import bearer, login, login_response
+from tests.support.sessions import bearer, first_sign_in, login, login_response
 from tests.support.tenants import auth
 
 
@@ -27,7 +27,7 @@ async def _add_user(
 
 
 async def _session_of(http: httpx.AsyncClient, user: dict[str, Any]) -> dict[str, str]:
-    session = await login(http, user["email"], user["password"])
+    session = await first_sign_in(http, user["email"], user["password"])
     return bearer(session["access_token"])
 
 

@@ -144,6 +144,7 @@ async def session_response(
         user_id=row["id"],
         tenant_id=row["tenant_id"],
         role=row["role"],
+        must_change_password=row["must_change_password"],
     )
     return TokenResponse(
         access_token=access.token,

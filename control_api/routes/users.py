@@ -22,6 +22,7 @@ from control_api.principal import Principal
 from control_api.problems import Problem
 from control_api.routes.auth import TokenResponse, session_response
 from control_api.security.access_tokens import revoke_issued_access_tokens
+from control_api.security.password_change import CHANGE_PASSWORD_PATH
 from control_api.security.passwords import (
     generate_password,
     hash_password_async,
@@ -189,11 +190,12 @@ async def delete_user(call: ApiCall[Any, Any]) -> Response:
 
 @group(
     "POST",
-    "/v1/users/me/password",
+    CHANGE_PASSWORD_PATH,
     summary="Change your own password; ends your other sessions and returns fresh tokens",
     body=ChangePasswordBody,
     response=TokenResponse,
     errors=[403],
+    before_password_change=True,
 )
 async def change_password(call: ApiCall[ChangePasswordBody, Any]) -> TokenResponse:
     principal = call.require_principal()

@@ -3,6 +3,11 @@
 The token says who the user is and which tenant they act in; every request still checks the user
 row, so disabling a user, logging out everywhere or changing a password takes effect at once,
 and the role applied is always the current one rather than the one frozen into the token.
+
+A user still holding a one-time password gets a token marked ``must_change_password``; such a
+principal is refused everywhere except the endpoints that let them choose a password (see
+control_api/security/password_change.py). The user row is consulted as well, so a flag set after
+the token was issued applies at once too.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ def issue_access_token(
     user_id: uuid.UUID,
     tenant_id: uuid.UUID,
     role: str,
+    must_change_password: bool = False,
 ) -> IssuedAccessToken:
     # iat keeps sub-second precision: users.tokens_valid_after is compared against it, and a
     # token issued right after a password change must not fall in the same whole second.
@@ -60,6 +66,9 @@ def issue_access_token(
         "exp": int(now) + ttl,
         "jti": uuid.uuid4().hex,
     }
+    if must_change_password:
+        # Present only on restricted tokens, so every other token keeps the standard claims.
+        claims["must_change_password"] = True
     return IssuedAccessToken(token=signing.sign(claims, typ=TOKEN_TYPE), expires_in=ttl)
 
 
@@ -68,6 +77,7 @@ class AccessClaims:
     user_id: uuid.UUID
     tenant_id: uuid.UUID
     issued_at: float
+    must_change_password: bool
 
 
 def verify_access_token(signing: SigningKeyring, settings: Settings, token: str) -> AccessClaims:
@@ -89,14 +99,25 @@ def verify_access_token(signing: SigningKeyring, settings: Settings, token: str)
 
 def _parse_claims(claims: dict[str, Any]) -> AccessClaims:
     iat = claims.get("iat")
-    if claims.get("role") not in ROLES or not isinstance(iat, int | float):
+    # Optional: without it, the user row alone decides (it is read on every request anyway).
+    must_change = claims.get("must_change_password", False)
+    if (
+        claims.get("role") not in ROLES
+        or not isinstance(iat, int | float)
+        or not isinstance(must_change, bool)
+    ):
         raise _unauthorized("invalid_token", "The access token is invalid.")
     try:
         user_id = uuid.UUID(str(claims["sub"]))
         tenant_id = uuid.UUID(str(claims["tid"]))
     except ValueError:
         raise _unauthorized("invalid_token", "The access token is invalid.") from None
-    return AccessClaims(user_id=user_id, tenant_id=tenant_id, issued_at=float(iat))
+    return AccessClaims(
+        user_id=user_id,
+        tenant_id=tenant_id,
+        issued_at=float(iat),
+        must_change_password=must_change,
+    )
 
 
 async def principal_from_access_token(state: AppState, token: str) -> Principal:
@@ -104,7 +125,7 @@ async def principal_from_access_token(state: AppState, token: str) -> Principal:
     async with tenant_tx(state.pool, claims.tenant_id, readonly=True) as conn:
         row = await conn.fetchrow(
             """
-            SELECT role, disabled_at IS NOT NULL AS disabled,
+            SELECT role, must_change_password, disabled_at IS NOT NULL AS disabled,
                    tokens_valid_after <= to_timestamp($2::double precision) AS current
             FROM users WHERE id = $1
             """,
@@ -120,6 +141,7 @@ async def principal_from_access_token(state: AppState, token: str) -> Principal:
         kind="user",
         subject_id=claims.user_id,
         role=cast(RoleName, row["role"]),
+        must_change_password=claims.must_change_password or row["must_change_password"],
     )
 
 

@@ -8,6 +8,7 @@ tests that are not about rate limits.
 from __future__ import annotations
 
 import random
+import uuid
 from typing import Any
 
 import httpx
@@ -39,3 +40,19 @@ async def login(http: httpx.AsyncClient, email: str, password: str, **extra: Any
 
 def bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
+
+
+async def first_sign_in(
+    http: httpx.AsyncClient, email: str, one_time_password: str
+) -> dict[str, Any]:
+    """Signs in with a one-time password and replaces it, as the API requires before anything
+    else; returns the session the change answers with (the login's tokens are revoked)."""
+    session = await login(http, email, one_time_password)
+    r = await http.post(
+        "/v1/users/me/password",
+        json={"current_password": one_time_password, "new_password": f"chosen-{uuid.uuid4()}"},
+        headers=bearer(session["access_token"]),
+    )
+    assert r.status_code == 200, r.text
+    changed: dict[str, Any] = r.json()
+    return changed
