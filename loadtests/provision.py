@@ -107,19 +107,39 @@ async def store_twilio_credential(http: httpx.AsyncClient, name: str) -> tuple[s
     return account_sid, auth_token
 
 
+async def _replace_one_time_password(
+    http: httpx.AsyncClient, email: str, one_time_password: str
+) -> str:
+    """A one-time password is good only for choosing a new one (as a person does at first
+    sign-in); the chosen one is what the control-API users sign in with."""
+    session = _check(
+        await http.post("/v1/auth/login", json={"email": email, "password": one_time_password}),
+        "signing in as the load-test owner",
+    )
+    password = secrets.token_urlsafe(18)
+    _check(
+        await http.post(
+            "/v1/users/me/password",
+            json={"current_password": one_time_password, "new_password": password},
+            headers={"authorization": f"Bearer {session['access_token']}"},
+        ),
+        "choosing the load-test owner's password",
+    )
+    return password
+
+
 async def provision(api_url: str, owner_dsn: str) -> LoadTarget:
     from control_api.bootstrap import create_tenant
 
-    password = secrets.token_urlsafe(18)
     tenant = await create_tenant(
         owner_dsn,
         name="Load test",
         owner_email=f"loadtest-{secrets.token_hex(4)}@example.com",
         max_concurrent_calls=MAX_CONCURRENT_CALLS,
-        password=password,
     )
     headers = {"authorization": f"Bearer {tenant.api_key}"}
     async with httpx.AsyncClient(base_url=api_url, headers=headers, timeout=30) as http:
+        password = await _replace_one_time_password(http, tenant.owner_email, tenant.owner_password)
         credential = _check(
             await http.post(
                 "/v1/credentials",
