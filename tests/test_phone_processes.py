@@ -6,8 +6,9 @@ Twilio Media Streams client emulator (tests/support/phone_cluster.py). Then that
 gets SIGTERM. A phone leg cannot move (Twilio cannot reopen its stream elsewhere), so:
 
 - the replica stops being ready and refuses new streams (close 4503 ``draining``), while the call
-  in progress carries on, audio both ways byte for byte, until the caller hangs up; the process
-  then exits 0 on its own, long before the drain deadline;
+  in progress carries on, audio both ways byte for byte, until the caller hangs up; a Socket.IO
+  monitor of the call is handed off to another replica and goes on hearing it from there; the
+  process exits 0 on its own once the call ended, long before the drain deadline;
 - a call still running at the drain deadline is ended with reason ``shutdown``: its stream closes
   1000 ``shutdown``, Twilio is asked to hang the call up, and the process exits 0.
 """
@@ -24,7 +25,7 @@ import websockets
 
 from control_api.bootstrap import NewTenant
 from relay.phone.stream import STREAM_PATH
-from tests.support.cluster import Cluster, Replica, cluster
+from tests.support.cluster import Cluster, Replica, callers, cluster
 from tests.support.phone_cluster import (
     PhoneTurn,
     TwilioCall,
@@ -93,9 +94,14 @@ async def test_sigterm_lets_a_phone_call_finish_in_place_then_the_process_exits_
     call = await place_call(cl, api, line)
     assert call.stream_url.endswith(STREAM_PATH)
     turns: list[PhoneTurn] = []
-    async with call.dial(owner) as caller:
+    async with call.dial(owner) as caller, callers(cl.lb) as make:
         turns.append(await speak(caller, "before the SIGTERM", FRAMES))
         check_turn(turns[-1], "before the SIGTERM", cl)
+        token = await cl.monitor_token(api, line.phone.tenant, call.call_id)
+        monitor = make(token["token"], "monitor")
+        await monitor.connect(owner.url)
+        await monitor.wait_for("call.ready")
+        before_sigterm = monitor.mark()
 
         cl.terminate(owner)
         await wait_ready_status(owner, 503)
@@ -104,6 +110,12 @@ async def test_sigterm_lets_a_phone_call_finish_in_place_then_the_process_exits_
         async with later.dial(owner, handshake=False) as refused:
             await refused.wait_closed(within=15)
             assert (refused.close_code, refused.close_reason) == (4503, "draining")
+        # A Socket.IO monitor of the call moves to another replica; the phone leg stays.
+        told = await monitor.wait_for("relay.reconnect", after=before_sigterm, timeout=15)
+        assert told.data == {"reason": "draining"}
+        await monitor.wait_ready_after(before_sigterm)
+        assert monitor.url != owner.url
+        heard_from = monitor.mark()
 
         # The call in progress goes on, on this replica, both ways.
         for n in range(TURNS_WHILE_DRAINING):
@@ -119,9 +131,19 @@ async def test_sigterm_lets_a_phone_call_finish_in_place_then_the_process_exits_
         assert owner.alive, cl.describe()  # it waits for its last call
         marks = len(caller.events_of("mark"))
 
+        # The monitor, elsewhere, heard the agent's side of those turns through routing.
+        draining_said = b"".join(t.said for t in turns[1:])
+        agent_side = await monitor.wait_audio_bytes(
+            len(draining_said), after=heard_from, timeout=20
+        )
+        assert b"".join(agent_side) == draining_said
+
         await caller.stop()
         await caller.wait_closed(within=15)
         assert caller.close_code == 1000
+        ended_event = await monitor.wait_for("call.ended", after=heard_from, timeout=15)
+        assert ended_event.data["reason"] == "caller_hangup"
+        assert monitor.named("error") == []
 
     assert await owner.wait_exit(EXIT_SECONDS) == 0, cl.describe()
     log = owner.log_path.read_text(errors="replace")
