@@ -30,6 +30,7 @@ __all__ = [
     "enforce",
     "limit_login",
     "limit_principal",
+    "limit_refresh",
     "limiter_for",
 ]
 
@@ -82,13 +83,25 @@ async def limit_principal(state: AppState, principal: Principal) -> None:
     await enforce(state, "api", principal.rate_limit_key, rate)
 
 
-async def limit_login(state: AppState, *, client_ip: str, email: str) -> None:
-    """Per client address (password spraying) and per account (guessing one password)."""
+def _sign_in_rate(state: AppState) -> Rate:
     settings = state.settings
-    rate = Rate.per_minute(
+    return Rate.per_minute(
         settings.rate_limit_login_per_minute_per_ip, settings.rate_limit_login_burst
     )
+
+
+async def limit_login(state: AppState, *, client_ip: str, email: str) -> None:
+    """Per client address (password spraying) and per account (guessing one password)."""
+    rate = _sign_in_rate(state)
     await enforce(state, "login-ip", client_ip, rate)
     # Hashed so that Redis never holds the address book of who tried to sign in.
     account = hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
     await enforce(state, "login-email", account, rate)
+
+
+async def limit_refresh(state: AppState, *, client_ip: str) -> None:
+    """Per client address, at the login rate but in a budget of its own, so that refreshing does
+    not use up signing in. Every refresh costs database work before the token is known to be
+    good; a flood of made-up tokens is what this stops. Per session there is nothing to limit:
+    a refresh token works once, and presenting it again ends its session."""
+    await enforce(state, "refresh-ip", client_ip, _sign_in_rate(state))

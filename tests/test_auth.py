@@ -9,7 +9,7 @@ import httpx
 
 from control_api.bootstrap import NewTenant
 from tests.conftest import TestDatabase
-from tests.support.sessions import bearer, login, login_response
+from tests.support.sessions import bearer, login, login_response, refresh_response
 from tests.support.tenants import auth, make_tenant
 
 
@@ -73,7 +73,7 @@ async def test_disabling_a_user_ends_their_access_tokens(
     await owner_conn.execute("UPDATE users SET disabled_at = now() WHERE id = $1", tenant.owner_id)
     r = await http.get("/v1/me", headers=bearer(session["access_token"]))
     assert r.status_code == 401
-    r = await http.post("/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
+    r = await refresh_response(http, session["refresh_token"])
     assert r.status_code == 401
 
 
@@ -98,7 +98,7 @@ async def test_logout_ends_the_session(http: httpx.AsyncClient, tenant: NewTenan
     session = await login(http, tenant.owner_email, tenant.owner_password)
     r = await http.post("/v1/auth/logout", json={"refresh_token": session["refresh_token"]})
     assert r.status_code == 204
-    r = await http.post("/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
+    r = await refresh_response(http, session["refresh_token"])
     assert r.status_code == 401
     assert r.json()["code"] == "refresh_token_revoked"
     # Logout is idempotent and says nothing about unknown tokens.
@@ -112,7 +112,7 @@ async def test_logout_keeps_other_sessions(http: httpx.AsyncClient, tenant: NewT
     laptop = await login(http, tenant.owner_email, tenant.owner_password)
     phone = await login(http, tenant.owner_email, tenant.owner_password)
     await http.post("/v1/auth/logout", json={"refresh_token": laptop["refresh_token"]})
-    r = await http.post("/v1/auth/refresh", json={"refresh_token": phone["refresh_token"]})
+    r = await refresh_response(http, phone["refresh_token"])
     assert r.status_code == 200
     assert (await http.get("/v1/me", headers=bearer(laptop["access_token"]))).status_code == 200
 
@@ -130,7 +130,7 @@ async def test_logout_everywhere_ends_all_sessions_and_access_tokens(
         r = await http.get("/v1/me", headers=bearer(session["access_token"]))
         assert r.status_code == 401
         assert r.json()["code"] == "token_revoked"
-        r = await http.post("/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
+        r = await refresh_response(http, session["refresh_token"])
         assert r.status_code == 401
     # Signing in again right away works: the cut-off is not rounded to whole seconds.
     fresh = await login(http, tenant.owner_email, tenant.owner_password)

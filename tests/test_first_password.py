@@ -14,7 +14,7 @@ from control_api.bootstrap import NewTenant
 from control_api.routes import all_endpoints
 from control_api.security.password_change import CHANGE_PASSWORD_PATH
 from tests.conftest import TestDatabase
-from tests.support.sessions import bearer, login
+from tests.support.sessions import bearer, login, refresh_response
 from tests.support.tenants import auth, make_tenant
 
 NEW_PASSWORD = "a brand new passphrase"
@@ -69,7 +69,7 @@ async def test_every_other_endpoint_refuses_a_one_time_password(
         r = await http.request(method, _concrete(path, fresh_tenant), json=body, headers=headers)
         _assert_change_required(r)
     # A refreshed session is restricted just the same.
-    r = await http.post("/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
+    r = await refresh_response(http, session["refresh_token"])
     assert r.status_code == 200
     assert r.json()["user"]["must_change_password"] is True
     _assert_change_required(await http.get("/v1/me", headers=bearer(r.json()["access_token"])))
@@ -105,7 +105,7 @@ async def test_logout_works_before_the_password_is_changed(
     session = await login(http, fresh_tenant.owner_email, fresh_tenant.owner_password)
     r = await http.post("/v1/auth/logout", json={"refresh_token": session["refresh_token"]})
     assert r.status_code == 204
-    r = await http.post("/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
+    r = await refresh_response(http, session["refresh_token"])
     assert r.status_code == 401
 
 

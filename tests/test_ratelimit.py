@@ -180,6 +180,47 @@ async def test_login_limited_per_account(strict_http: httpx.AsyncClient) -> None
     _assert_limited(await _attempt(strict_http, email, random_client_ip()))
 
 
+async def _refresh(http: httpx.AsyncClient, token: str, ip: str) -> httpx.Response:
+    return await http.post(
+        "/v1/auth/refresh", json={"refresh_token": token}, headers={"x-forwarded-for": ip}
+    )
+
+
+async def test_refresh_limited_per_client_ip(strict_http: httpx.AsyncClient) -> None:
+    ip = random_client_ip()
+    for _ in range(2):
+        r = await _refresh(strict_http, uuid.uuid4().hex, ip)
+        assert r.status_code == 401
+        assert r.json()["code"] == "invalid_refresh_token"
+    _assert_limited(await _refresh(strict_http, uuid.uuid4().hex, ip))
+    # Another client is unaffected, and so is signing in from the limited one: separate budgets.
+    assert (await _refresh(strict_http, uuid.uuid4().hex, random_client_ip())).status_code == 401
+    assert (
+        await _attempt(strict_http, f"n-{uuid.uuid4().hex[:8]}@example.com", ip)
+    ).status_code == 401
+
+
+async def test_refresh_within_the_limit_rotates(
+    strict_http: httpx.AsyncClient, tenant: NewTenant
+) -> None:
+    ip = random_client_ip()
+    r = await strict_http.post(
+        "/v1/auth/login",
+        json={"email": tenant.owner_email, "password": tenant.owner_password},
+        headers={"x-forwarded-for": ip},
+    )
+    assert r.status_code == 200, r.text
+    first = await _refresh(strict_http, r.json()["refresh_token"], ip)
+    assert first.status_code == 200, first.text
+    second = await _refresh(strict_http, first.json()["refresh_token"], ip)
+    assert second.status_code == 200, second.text
+    # The limit answers before the token is looked at: a good token is refused too, and stays
+    # unused (it works from another address).
+    token = second.json()["refresh_token"]
+    _assert_limited(await _refresh(strict_http, token, ip))
+    assert (await _refresh(strict_http, token, random_client_ip())).status_code == 200
+
+
 async def test_forwarded_for_from_untrusted_peer_is_ignored(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

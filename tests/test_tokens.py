@@ -25,7 +25,7 @@ from control_api.security.access_tokens import verify_access_token
 from control_api.security.signing import SigningKeyring
 from tests.conftest import TestDatabase
 from tests.support.servers import serve
-from tests.support.sessions import bearer, login
+from tests.support.sessions import bearer, login, refresh_response
 from tests.support.tenants import make_tenant
 from voicerelay.settings import Settings
 
@@ -248,7 +248,7 @@ async def test_key_rotation_old_tokens_still_verify(
 
 
 async def _refresh(http: httpx.AsyncClient, token: str) -> httpx.Response:
-    return await http.post("/v1/auth/refresh", json={"refresh_token": token})
+    return await refresh_response(http, token)
 
 
 def _hash(token: str) -> bytes:

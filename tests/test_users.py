@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from control_api.bootstrap import NewTenant
-from tests.support.sessions import bearer, first_sign_in, login, login_response
+from tests.support.sessions import bearer, first_sign_in, login, login_response, refresh_response
 from tests.support.tenants import auth
 
 
@@ -120,7 +120,7 @@ async def test_disable_and_enable_user(http: httpx.AsyncClient, tenant: NewTenan
     assert r.status_code == 200
     assert r.json()["disabled"] is True
     assert (await http.get("/v1/me", headers=bearer(session["access_token"]))).status_code == 401
-    r = await http.post("/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
+    r = await refresh_response(http, session["refresh_token"])
     assert r.status_code == 401
     assert (await login_response(http, user["email"], user["password"])).status_code == 403
     r = await http.patch(f"/v1/users/{user['id']}", json={"disabled": False}, headers=owner)
@@ -187,7 +187,7 @@ async def test_change_password(http: httpx.AsyncClient, tenant: NewTenant) -> No
         assert (
             await http.get("/v1/me", headers=bearer(session["access_token"]))
         ).status_code == 401
-        r = await http.post("/v1/auth/refresh", json={"refresh_token": session["refresh_token"]})
+        r = await refresh_response(http, session["refresh_token"])
         assert r.status_code == 401
     assert (await http.get("/v1/me", headers=bearer(fresh["access_token"]))).status_code == 200
     assert (

@@ -13,7 +13,7 @@ from control_api.client_ip import request_client_ip
 from control_api.db import Conn, platform_tx, tenant_tx
 from control_api.endpoints import ApiCall, ApiModel, EndpointGroup
 from control_api.problems import Problem
-from control_api.ratelimit import limit_login
+from control_api.ratelimit import limit_login, limit_refresh
 from control_api.security.access_tokens import issue_access_token
 from control_api.security.passwords import verify_password_async
 from control_api.security.refresh_tokens import (
@@ -168,10 +168,13 @@ async def session_response(
     body=RefreshBody,
     response=TokenResponse,
     auth=False,
-    errors=[401],
+    errors=[401, 429],
 )
 async def refresh(call: ApiCall[RefreshBody, Any]) -> TokenResponse:
     state = call.state
+    await limit_refresh(
+        state, client_ip=request_client_ip(call.request, state.settings.trusted_proxies)
+    )
     rotated = await rotate_refresh_token(state.pool, state.settings, call.body.refresh_token)
     async with tenant_tx(state.pool, rotated.tenant_id, readonly=True) as conn:
         return await session_response(state, conn, rotated.user_id, rotated.refresh)

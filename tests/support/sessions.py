@@ -1,6 +1,6 @@
 """Signing in through the real API in tests.
 
-Each login comes from its own made-up client address (X-Forwarded-For, trusted from the
+Each login and refresh comes from its own made-up client address (X-Forwarded-For, trusted from the
 loopback test client) so that the per-IP login limit of the shared test server never trips
 tests that are not about rate limits.
 """
@@ -28,6 +28,13 @@ async def login_response(
 ) -> httpx.Response:
     return await http.post(
         "/v1/auth/login", json={"email": email, "password": password, **extra}, headers=from_ip()
+    )
+
+
+async def refresh_response(http: httpx.AsyncClient, refresh_token: str) -> httpx.Response:
+    """Like a login, from an address of its own: refreshes are limited per client address too."""
+    return await http.post(
+        "/v1/auth/refresh", json={"refresh_token": refresh_token}, headers=from_ip()
     )
 
 
