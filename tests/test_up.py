@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -285,3 +286,58 @@ def test_up_on_a_fresh_machine_runs_embedded_postgres_and_redis(tmp_path: Path) 
         assert (state / "postgres" / "postmaster.pid").exists()
     # Stopped with the services, not left running for the next run.
     assert not (state / "postgres" / "postmaster.pid").exists()
+
+
+def _up_until_it_exits(ports: dict[str, int], state: Path) -> subprocess.CompletedProcess[str]:
+    """`voicerelay up` on embedded PostgreSQL and Redis (nothing configured), expected to end."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "voicerelay",
+            "up",
+            *(f"--{name}-port={port}" for name, port in ports.items()),
+            f"--state-dir={state}",
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("taken", "setting", "option"),
+    [
+        ("api", "API_PORT", "--api-port"),
+        ("relay", "RELAY_PORT", "--relay-port"),
+        ("emulator", "EMULATOR_PORT", "--emulator-port"),
+    ],
+)
+def test_up_fails_fast_when_a_port_is_taken(
+    tmp_path: Path, taken: str, setting: str, option: str
+) -> None:
+    ports = {name: subprocess_port() for name in ("api", "relay", "emulator")}
+    state = tmp_path / "state"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", ports[taken]))
+        squatter.listen()
+        process = _up_until_it_exits(ports, state)
+    assert process.returncode != 0
+    assert f"port {ports[taken]}" in process.stderr
+    assert setting in process.stderr
+    assert option in process.stderr
+    assert "Traceback" not in process.stderr
+    assert BANNER_END not in process.stdout
+    # Failed before starting anything: no embedded PostgreSQL or Redis was left behind.
+    assert not (state / "postgres").exists()
+    assert not (state / "redis").exists()
+
+
+def test_up_refuses_one_port_for_two_services(tmp_path: Path) -> None:
+    port = subprocess_port()
+    ports = {"api": port, "relay": port, "emulator": subprocess_port()}
+    process = _up_until_it_exits(ports, tmp_path / "state")
+    assert process.returncode != 0
+    assert f"API_PORT and RELAY_PORT are both {port}" in process.stderr
+    assert "Traceback" not in process.stderr

