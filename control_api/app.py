@@ -25,6 +25,7 @@ from control_api.routes import all_endpoints
 from control_api.security.signing import SigningKeyring
 from control_api.state import AppState
 from control_api.vault import Vault
+from voicerelay.cancellation import cancel_until_done
 from voicerelay.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ def create_app(settings: Settings) -> Starlette:
             yield
             state.draining = True
             stopping = [*state.tasks, *state.background]
-            for task in stopping:
-                task.cancel()
+            await cancel_until_done(stopping)
             for task in stopping:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
