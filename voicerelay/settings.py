@@ -153,6 +153,10 @@ class Settings(BaseSettings):
     # Entries kept in the call-event stream (approximate trim); must exceed what the consumer can
     # fall behind by during a PostgreSQL outage.
     call_events_stream_maxlen: int = Field(default=1_000_000, ge=10_000)
+    # A live call writes a usage event every 15 s and its owner renews leases of at most 120 s
+    # (owner) and 600 s (tenant slot); a call silent for longer than this is dead and gets ended
+    # as relay_lost. The floor keeps a slow consumer or a takeover from ending live calls.
+    call_stale_after_seconds: int = Field(default=600, ge=300, le=7 * 86400)
 
     # --- Relay --------------------------------------------------------------------------
     # Identifies this replica in the call registry and logs; defaults to hostname-pid.
