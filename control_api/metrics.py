@@ -124,3 +124,9 @@ class PoolStats(Collector):
 
 DB_POOL = PoolStats()
 REGISTRY.register(DB_POOL)
+
+STALE_CALLS_REAPED = Counter(
+    "control_api_stale_calls_reaped_total",
+    "Connecting or active calls ended as relay_lost (code stale) because no call-log event had "
+    "arrived for CALL_STALE_AFTER_SECONDS: their relay replica died and nobody took them over.",
+)

@@ -28,20 +28,32 @@ RETURNING event_id
 """
 
 # Column references on the right-hand side are the row's values before this update, so each
-# expression merges the stored value with the batch's value monotonically.
+# expression merges the stored value with the batch's value monotonically. The first ending wins,
+# except over the stale-call reaper's (reaped_at set, migration 0008): that one was only a guess
+# made for want of events, and the relay's own `ended` is the truth whenever it turns up.
 _APPLY_CHANGE = """
 UPDATE calls SET
     status = CASE
+        WHEN reaped_at IS NOT NULL AND $5::timestamptz IS NOT NULL THEN $2::text
         WHEN $2::text IS NOT NULL AND $3::int > (CASE status
             WHEN 'created' THEN 0 WHEN 'connecting' THEN 1 WHEN 'active' THEN 2 ELSE 3 END)
         THEN $2::text ELSE status END,
     started_at = LEAST(started_at, $4::timestamptz),
-    ended_at = COALESCE(ended_at, $5::timestamptz),
-    end_reason = CASE WHEN ended_at IS NULL AND $5 IS NOT NULL THEN $6::text ELSE end_reason END,
-    end_code = CASE WHEN ended_at IS NULL AND $5 IS NOT NULL THEN $7::text ELSE end_code END,
-    ended_by = CASE WHEN ended_at IS NULL AND $5 IS NOT NULL THEN $8::text ELSE ended_by END,
+    ended_at = CASE WHEN reaped_at IS NOT NULL AND $5 IS NOT NULL THEN $5::timestamptz
+        ELSE COALESCE(ended_at, $5::timestamptz) END,
+    end_reason = CASE WHEN (ended_at IS NULL OR reaped_at IS NOT NULL) AND $5 IS NOT NULL
+        THEN $6::text ELSE end_reason END,
+    end_code = CASE WHEN (ended_at IS NULL OR reaped_at IS NOT NULL) AND $5 IS NOT NULL
+        THEN $7::text ELSE end_code END,
+    ended_by = CASE WHEN (ended_at IS NULL OR reaped_at IS NOT NULL) AND $5 IS NOT NULL
+        THEN $8::text ELSE ended_by END,
     duration_ms = CASE
-        WHEN ended_at IS NULL AND $5::timestamptz IS NOT NULL AND $9::bigint IS NOT NULL THEN $9
+        WHEN (ended_at IS NULL OR reaped_at IS NOT NULL) AND $5::timestamptz IS NOT NULL
+            AND $9::bigint IS NOT NULL THEN $9
+        -- Replacing the reaper's ending: derive the duration from the real end.
+        WHEN reaped_at IS NOT NULL AND $5::timestamptz IS NOT NULL
+        THEN CASE WHEN LEAST(started_at, $4) IS NOT NULL
+            THEN GREATEST(0, EXTRACT(EPOCH FROM ($5 - LEAST(started_at, $4))) * 1000)::bigint END
         -- A stored duration that is not the derived one was reported by the relay: keep it.
         WHEN duration_ms IS DISTINCT FROM (CASE WHEN ended_at IS NOT NULL AND started_at IS NOT NULL
             THEN GREATEST(0, EXTRACT(EPOCH FROM (ended_at - started_at)) * 1000)::bigint END)
@@ -60,7 +72,8 @@ UPDATE calls SET
     conversation_ids = conversation_ids || ARRAY(
         SELECT u.cid FROM unnest($16::text[]) WITH ORDINALITY AS u(cid, n)
         WHERE NOT (u.cid = ANY(conversation_ids)) ORDER BY u.n),
-    last_event_at = GREATEST(last_event_at, $17::timestamptz)
+    last_event_at = GREATEST(last_event_at, $17::timestamptz),
+    reaped_at = CASE WHEN $5::timestamptz IS NOT NULL THEN NULL ELSE reaped_at END
 WHERE id = $1
 RETURNING id
 """
