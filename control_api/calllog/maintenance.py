@@ -1,9 +1,11 @@
 """Call-log upkeep: monthly partitions ahead of time, whole partitions dropped past the platform's
-maximum retention, and each tenant's rows deleted past its own (shorter) retention.
+maximum retention, each tenant's rows deleted past its own (shorter) retention, and calls that
+stopped producing events ended (``stale``).
 
 Every replica runs it; that is safe because partition work happens under a transaction-scoped
 advisory lock that other replicas skip rather than wait for (and which PgBouncer in transaction
-mode supports), and the per-tenant deletes are idempotent.
+mode supports), the per-tenant deletes are idempotent, and the stale-call reaper skips calls
+another replica has locked.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import logging
 import random
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from control_api.calllog import metrics
+from control_api.calllog.stale import reap_stale_calls
 from control_api.db import tenant_tx
 from voicerelay.settings import Settings
 
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 PARTITION_LOCK_KEY = 0x7672_636C_6D61_696E  # "vrclmain"
 MAINTENANCE_INTERVAL_SECONDS = 3600.0
 RETRY_AFTER_ERROR_SECONDS = 60.0
+# Well below CALL_STALE_AFTER_SECONDS (at least 300 s), so a dead call ends soon after it qualifies.
+STALE_CALL_CHECK_SECONDS = 60.0
 DELETE_BATCH_SIZE = 5000
 
 _DELETE_CALLS = """
@@ -156,16 +162,32 @@ async def run_maintenance_once(
     return report
 
 
+async def _attempt(job: str, work: Callable[[], Awaitable[object]]) -> bool:
+    """Run one round of ``work``; a failure is logged and counted, never fatal to the loop."""
+    try:
+        await work()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        metrics.MAINTENANCE_ERRORS.inc()
+        log.exception("call-log maintenance failed; retrying", extra={"job": job})
+        return False
+    return True
+
+
 async def run_call_log_maintenance(state: AppState) -> None:
-    """At start and then hourly (with jitter, so replicas spread out) until cancelled."""
+    """Until cancelled: stale calls every minute; partitions and retention at start and then
+    hourly. Intervals have jitter, so replicas spread out."""
+    pool, settings = state.pool, state.settings
+    loop = asyncio.get_running_loop()
+    next_upkeep = loop.time()
     while True:
-        delay = MAINTENANCE_INTERVAL_SECONDS
-        try:
-            await run_maintenance_once(state.pool, state.settings)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            metrics.MAINTENANCE_ERRORS.inc()
-            log.exception("call-log maintenance failed; retrying")
-            delay = RETRY_AFTER_ERROR_SECONDS
-        await asyncio.sleep(delay * random.uniform(0.9, 1.1))
+        if loop.time() >= next_upkeep:
+            done = await _attempt("partitions", lambda: run_maintenance_once(pool, settings))
+            delay = MAINTENANCE_INTERVAL_SECONDS if done else RETRY_AFTER_ERROR_SECONDS
+            next_upkeep = loop.time() + delay * random.uniform(0.9, 1.1)
+        await _attempt(
+            "stale_calls",
+            lambda: reap_stale_calls(pool, idle_seconds=settings.call_stale_after_seconds),
+        )
+        await asyncio.sleep(STALE_CALL_CHECK_SECONDS * random.uniform(0.9, 1.1))
