@@ -674,6 +674,7 @@ _DEFINER_FUNCTIONS = {
     "call_log_retention_policies": ["tenant_id", "retention_days"],
     "ensure_call_log_partitions": [],
     "drop_call_log_partitions_before": [],
+    "reap_stale_calls": ["tenant_id", "call_id"],
 }
 
 
@@ -725,6 +726,7 @@ async def test_security_definer_lookups_return_only_what_they_must(
     for probe in ("%", "", "CA%"):
         assert await app_conn.fetch("SELECT * FROM twilio_call_route($1)", probe) == []
     await _cannot_drop_retained_call_logs(app_conn)
+    await _cannot_end_live_calls(app_conn, world)
     for months in (0, 121):
         with pytest.raises(asyncpg.RaiseError, match="p_months"):
             await app_conn.fetchval("SELECT ensure_call_log_partitions(current_date, $1)", months)
@@ -746,5 +748,24 @@ async def _cannot_drop_retained_call_logs(app_conn: asyncpg.Connection) -> None:
         assert f"calls_p{month}" not in dropped
         assert f"call_events_p{month}" not in dropped
         assert await app_conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"calls_p{month}")
+    finally:
+        await tx.rollback()
+
+
+async def _cannot_end_live_calls(app_conn: asyncpg.Connection, world: World) -> None:
+    """The stale-call reaper ends only calls silent for longer than its floor (far above the
+    relay's 15 s usage interval and every lease), with an outcome the caller cannot choose: the
+    role cannot aim it at a live call, of its own tenant or another. Rolled back whatever it did."""
+    for idle, limit in ((0, 1), (299, 1), (None, 1), (300, 0), (300, 10001)):
+        with pytest.raises(asyncpg.RaiseError, match="out of range"):
+            await app_conn.fetch("SELECT * FROM reap_stale_calls($1, $2)", idle, limit)
+    tx = app_conn.transaction()
+    await tx.start()
+    try:
+        reaped = {
+            r["call_id"] for r in await app_conn.fetch("SELECT * FROM reap_stale_calls(300, 10000)")
+        }
+        assert world.victim.call_id not in reaped
+        assert world.attacker.call_id not in reaped
     finally:
         await tx.rollback()
