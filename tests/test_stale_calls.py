@@ -7,15 +7,19 @@ final state, which is the same whichever of the two reaped a call."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
 import pytest
 
 from control_api.calllog.apply import write_tenant_events
+from control_api.calllog.maintenance import run_call_log_maintenance
 from control_api.calllog.stale import reap_stale_calls
 from control_api.db import create_pool, tenant_tx
 from control_api.metrics import STALE_CALLS_REAPED
@@ -286,3 +290,24 @@ async def test_the_app_role_can_reap_but_choose_nothing(app_conn, owner_conn, te
     finally:
         await tx.rollback()
     assert (await _row(owner_conn, recent))["status"] == "active"
+
+
+async def test_the_maintenance_loop_reaps_with_the_configured_limit(
+    pool, settings, owner_conn, tenant
+) -> None:  # type: ignore[no-untyped-def]
+    # Silent for 400 s: stale under a 300 s setting, not under the API server's default 600 s, so
+    # only the loop started here can end it.
+    call_id = await _call(owner_conn, tenant.tenant_id, events_ago=(timedelta(seconds=400),))
+    state = SimpleNamespace(
+        pool=pool, settings=settings.model_copy(update={"call_stale_after_seconds": 300})
+    )
+    task = asyncio.create_task(run_call_log_maintenance(state))  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(60):
+            while (await _row(owner_conn, call_id))["status"] != "failed":
+                await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert (await _row(owner_conn, call_id))["end_code"] == "stale"
