@@ -3,6 +3,7 @@ with voicerelay's targeted client manager and with python-socketio's stock Async
 
     python -m loadtests.bench_scale [--replicas 1 --replicas 3 ...] [--managers targeted,stock]
                                     [--calls 48] [--seconds 20] [--cross 0.25] [--json out.json]
+                                    [--calls-per-replica 16] [--profile DIR]
 
 The load is the same at every step: ``--calls`` concurrent callers (load-generator processes, as
 in `make bench`) stream 20 ms PCM16 16 kHz frames in real time, in talk turns, through the relay
@@ -18,6 +19,10 @@ its bridge are on different replicas and all its audio, both ways, crosses Redis
 replica that caller reconnects to the same replica. Reconnections happen before the measured
 window. (The stock manager has no call registry: there a reconnecting caller gets a new bridge
 where it reconnects, and what it measures is stock's every-emit-to-every-replica fan-out.)
+
+``--calls-per-replica N`` instead gives each step N calls per replica: a replica's cost per call
+at a constant load per replica (with a fixed total, more replicas also means fewer calls per
+process, hence fewer frames handled per event-loop wake-up, which costs by itself).
 
 Measured over the steady-state window: every replica's CPU (user + system seconds), summed and
 per replica, per call-minute carried; the Redis server's CPU; frames echoed; the echo round trip
@@ -39,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +86,9 @@ class Options:
     # Run each replica under cProfile and keep its stats here (CPU figures then include
     # the profiler's overhead: for finding hot spots, not for the table).
     profile: Path | None = None
+    # Instead of ``calls`` at every step: this many calls per replica (the load grows with the
+    # replicas), to see a replica's cost per call at a constant load per replica.
+    calls_per_replica: int | None = None
 
     @property
     def talk_frames(self) -> int:
@@ -397,6 +405,8 @@ async def _measure(
 def measure(
     stack: BenchStack, redis_pid: int, manager: str, count: int, options: Options
 ) -> Measurement:
+    if options.calls_per_replica is not None:
+        options = replace(options, calls=options.calls_per_replica * count)
     cross = sum(cross_replica(i, options.cross, count) for i in range(options.calls))
     result = Measurement(manager=manager, replicas=count, calls=options.calls, cross_calls=cross)
     result.load_average = os.getloadavg()[0]
@@ -571,6 +581,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         help="Comma-separated RELAY_CLIENT_MANAGER values to compare (targeted, stock, local).",
     )
     parser.add_argument("--calls", type=int, default=48, help="Concurrent calls, every step.")
+    parser.add_argument(
+        "--calls-per-replica",
+        type=int,
+        default=None,
+        help="Instead of --calls: this many calls per replica (the load grows with the replicas).",
+    )
     parser.add_argument("--seconds", type=float, default=15.0, help="Measured window per step.")
     parser.add_argument("--warmup", type=float, default=2.0, help="Streaming before measuring.")
     parser.add_argument(
@@ -594,8 +610,11 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         parser.error(f"--managers takes {', '.join(CHOICES)}")
     # 3 is where the target is judged (at most 1.2x one replica); the rest show the trend.
     counts = args.replicas or [1, 2, 3, 4, 8]
+    per_replica = args.calls_per_replica
     if min(counts) < 1 or args.calls < 1 or args.seconds <= 0 or not 0 <= args.cross <= 1:
         parser.error("--replicas >= 1, --calls >= 1, --seconds > 0, 0 <= --cross <= 1")
+    if per_replica is not None and per_replica < 1:
+        parser.error("--calls-per-replica >= 1")
     options = Options(
         replicas=counts,
         managers=managers,
@@ -608,6 +627,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         talk_ms=args.talk_ms,
         connect_timeout=args.connect_timeout,
         profile=args.profile,
+        calls_per_replica=args.calls_per_replica,
     )
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -662,7 +682,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, {info['system']};"
-        f" {options.calls} calls, {options.frame_ms} ms PCM16 16 kHz frames in real time,"
+        + (
+            f" {options.calls_per_replica} calls per replica,"
+            if options.calls_per_replica is not None
+            else f" {options.calls} calls,"
+        )
+        + f" {options.frame_ms} ms PCM16 16 kHz frames in real time,"
         f" {options.seconds:g} s measured per step after {options.warmup:g} s warm-up;"
         + (
             f" 1 call in {every} joins on replica i and talks through replica i+1."
