@@ -495,15 +495,16 @@ class CallBridge:
             await self._emitter.emit(wire.EV_ENDED, wire.call_ended(how.reason, how.code), room=sid)
             await self._emitter.disconnect(sid)
             return
+        # The participant is recorded before anything is awaited: entering a room can wait on
+        # Redis, and a leave() (its disconnect) or a newer connection of the caller arriving
+        # meanwhile must find it here and win, not be overwritten by this join afterwards.
         if replica is None:
-            await self._emitter.enter_room(sid, self.room)
             self.remote_sids.pop(sid, None)
         else:
             self.remote_sids[sid] = replica
         resumed = False
+        previous: str | None = None
         if participant.role == "monitor":
-            if replica is None:
-                await self._emitter.enter_room(sid, self.monitors_room)
             self.monitor_sids.add(sid)
         else:
             previous, self.caller_sid = self.caller_sid, sid
@@ -515,11 +516,19 @@ class CallBridge:
                 self._to_agent.reset()
                 self._to_client.reset()
             self._log_event("connected", resumed=resumed)
-            if previous is not None and previous != sid:
-                # The same caller on a newer connection: the old one is dead or a duplicate.
-                await self._emitter.disconnect(previous)
-        if self.ready:
+        if replica is None:
+            await self._emitter.enter_room(sid, self.room)
+            if participant.role == "monitor" and self._present(sid):
+                await self._emitter.enter_room(sid, self.monitors_room)
+        if previous is not None and previous != sid:
+            # The same caller on a newer connection: the old one is dead or a duplicate.
+            await self._emitter.disconnect(previous)
+        if self.ready and self._present(sid):
             self._send(wire.EV_READY, self._ready_payload(resumed=resumed), sid)
+
+    def _present(self, sid: str) -> bool:
+        """``sid`` is still a participant (it has not left, nor been replaced as the caller)."""
+        return sid == self.caller_sid or sid in self.monitor_sids
 
     def leave(self, sid: str) -> None:
         self.remote_sids.pop(sid, None)

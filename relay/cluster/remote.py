@@ -270,13 +270,24 @@ class RemoteCalls:
         participant.remote = True
         call.participants[participant.sid] = participant
         await self._emitter.enter_room(participant.sid, call_room(participant.call_id))
-        if participant.role == "monitor":
+        if participant.role == "monitor" and self._holds(call, participant):
             await self._emitter.enter_room(participant.sid, monitors_room(participant.call_id))
+        if not self._holds(call, participant):
+            # It disconnected while the rooms were entered (they wait on Redis): its leave has
+            # gone to the owner already, and a join after it would make a dead connection the
+            # caller again (and have the owner disconnect a newer connection of the caller).
+            return
         await self._join(call, participant)
         if call.watcher is None or call.watcher.done():
             call.watcher = asyncio.create_task(
                 self._watch(call), name=f"remote-call-{call.call_id}"
             )
+
+    def _holds(self, call: RemoteCall, participant: Participant) -> bool:
+        return (
+            self._calls.get(call.call_id) is call
+            and call.participants.get(participant.sid) is participant
+        )
 
     async def _join(self, call: RemoteCall, participant: Participant) -> None:
         await self._routing.send_to_owner(
