@@ -48,14 +48,26 @@ def _check(response: httpx.Response, what: str, expected: int = 200) -> dict[str
 
 
 async def _usable(target: LoadTarget) -> bool:
+    """The saved tenant still works for every user: its API key, its agent, and its owner's
+    sign-in (a target saved before one-time passwords were enforced fails here and is redone)."""
     headers = {"authorization": f"Bearer {target.api_key}"}
     async with httpx.AsyncClient(base_url=target.api_url, headers=headers, timeout=10) as http:
         try:
             me = await http.get("/v1/me")
             agent = await http.get(f"/v1/agents/{target.agent_id}")
-        except httpx.HTTPError:
+            login = await http.post(
+                "/v1/auth/login",
+                json={"email": target.user_email, "password": target.user_password},
+            )
+            if login.status_code != 200:
+                return False
+            token = login.json().get("access_token", "")
+            calls = await http.get(
+                "/v1/calls", params={"limit": 1}, headers={"authorization": f"Bearer {token}"}
+            )
+        except (httpx.HTTPError, ValueError, AttributeError):
             return False
-    return me.status_code == 200 and agent.status_code == 200
+    return me.status_code == 200 and agent.status_code == 200 and calls.status_code == 200
 
 
 async def create_greeting_agent(
