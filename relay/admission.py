@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from relay.metrics import CONNECT_RATE_DECISIONS, TENANT_CAP_DECISIONS, TENANT_CAP_RELEASE_ERRORS
 from voicerelay.gcra import Rate, limiter_for
 from voicerelay.settings import Settings
+from voicerelay.tenant_calls import tenant_calls_key
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class TenantCallCap:
         return self.lease_ms / 3000
 
     def key(self, tenant_id: uuid.UUID | str) -> str:
-        return self._settings.redis_key("tenant-calls", "{" + str(tenant_id) + "}")
+        return tenant_calls_key(self._settings, tenant_id)
 
     async def acquire(
         self, tenant_id: uuid.UUID | str, call_id: uuid.UUID | str, limit: int

@@ -2,8 +2,8 @@
 
 The relay owns the leases (``relay.admission.TenantCallCap``: a sorted set of call ids scored by
 lease expiry in milliseconds of Redis's own clock). The control API only reads them, to refuse a
-phone call politely before Twilio connects a stream the relay would refuse anyway. Both must name
-the same key; ``tests/test_twilio_webhook.py`` checks that they do.
+phone call politely before Twilio connects a stream the relay would refuse anyway. Both name the
+key through ``tenant_calls_key``.
 """
 
 from __future__ import annotations
