@@ -53,7 +53,7 @@ from loadtests.bench_stack import (
     bench_stack,
     relay_command,
 )
-from loadtests.report import markdown_table
+from loadtests.report import finish, markdown_table
 
 FLOOR = "floor"
 VOICERELAY = "voicerelay"
@@ -673,23 +673,14 @@ def main(argv: list[str] | None = None) -> int:
     for m in measurements:
         for error in sorted(set(m.errors))[:5]:
             print(f"{_label(m)} {m.calls} calls: {error}")
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "machine": info,
-                    "options": asdict(options),
-                    "measurements": [m.as_dict() for m in measurements],
-                    "notes": notes,
-                },
-                indent=2,
-                default=str,
-            )
-        )
-    complete = all(m.connected == m.calls and not m.errors for m in measurements)
-    if not complete and args.logs is None:
-        print("Service logs were in a temporary directory: rerun with --logs DIR to keep them.")
-    return 0 if complete else 1
+    return finish(
+        measurements,
+        json_path=args.json,
+        logs=args.logs,
+        machine=info,
+        options=asdict(options),
+        notes=notes,
+    )
 
 
 if __name__ == "__main__":

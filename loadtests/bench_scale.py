@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import signal
@@ -57,7 +56,7 @@ from loadtests.bench_audio import percentile
 from loadtests.bench_callers import Caller, RelayCaller, _http_url
 from loadtests.bench_relay import RESULT_GRACE_SECONDS, RESULT_LINE_LIMIT, Generator, machine
 from loadtests.bench_stack import BenchStack, bench_stack, free_port
-from loadtests.report import markdown_table
+from loadtests.report import finish, markdown_table
 
 MANAGERS = ("targeted", "stock")
 # "local": python-socketio's in-process manager, no Redis routing or registry at all. Not a
@@ -704,22 +703,13 @@ def main(argv: list[str] | None = None) -> int:
     for m in measurements:
         for error in sorted(set(m.errors))[:5]:
             print(f"{m.manager} x{m.replicas}: {error}")
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "machine": info,
-                    "options": asdict(options),
-                    "measurements": [m.as_dict() for m in measurements],
-                },
-                indent=2,
-                default=str,
-            )
-        )
-    complete = all(m.connected == m.calls and not m.errors for m in measurements)
-    if not complete and args.logs is None:
-        print("Service logs were in a temporary directory: rerun with --logs DIR to keep them.")
-    return 0 if complete else 1
+    return finish(
+        measurements,
+        json_path=args.json,
+        logs=args.logs,
+        machine=info,
+        options=asdict(options),
+    )
 
 
 if __name__ == "__main__":
