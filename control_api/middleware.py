@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from control_api.metrics import method_label, route_label
 from control_api.problems import problem_response
 from voicerelay.logs import request_id_var, tenant_id_var
+
+log = logging.getLogger(__name__)
+
+# Probes hit these every few seconds: their lines would drown the requests that matter.
+_QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -23,7 +31,13 @@ SECURITY_HEADERS = [
 
 
 class RequestContextMiddleware:
-    """Gives every request an id (honouring a sane incoming X-Request-ID) and security headers."""
+    """Gives every request an id (honouring a sane incoming X-Request-ID) and security headers,
+    and logs one line per request once it is answered.
+
+    The line names the route template, never the raw path or query string (uvicorn's access log
+    is off because a query string may carry a token). It is written before the context is reset,
+    so it carries the request id and, once authentication has named it, the tenant id.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -36,9 +50,13 @@ class RequestContextMiddleware:
         request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         tenant_token = tenant_id_var.set(None)
+        started = time.perf_counter()
+        status = 500  # what the client gets when the app raises before responding
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = int(message["status"])
                 headers = list(message.get("headers", []))
                 present = {k.lower() for k, _ in headers}
                 headers.append((b"x-request-id", request_id.encode()))
@@ -49,6 +67,20 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
+            method, route = method_label(scope["method"]), route_label(scope)
+            log.log(
+                logging.DEBUG if scope["path"] in _QUIET_PATHS else logging.INFO,
+                "%s %s %d",
+                method,
+                route,
+                status,
+                extra={
+                    "method": method,
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                },
+            )
             request_id_var.reset(token)
             tenant_id_var.reset(tenant_token)
 
