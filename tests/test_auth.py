@@ -159,3 +159,13 @@ async def test_missing_or_malformed_bearer(http: httpx.AsyncClient) -> None:
     r = await http.get("/v1/me", headers=bearer("not.a.jwt"))
     assert r.status_code == 401
     assert r.json()["code"] == "invalid_token"
+
+
+async def test_passwords_are_stored_as_argon2id_hashes(
+    tenant: NewTenant, owner_conn: asyncpg.Connection
+) -> None:
+    stored = await owner_conn.fetchval(
+        "SELECT password_hash FROM users WHERE id = $1", tenant.owner_id
+    )
+    assert stored.startswith("$argon2id$")
+    assert tenant.owner_password not in stored
