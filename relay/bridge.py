@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import uuid
@@ -77,6 +78,7 @@ from relay.sessions import CallSession
 from relay.upstream import Upstream, UpstreamFailed
 from voicerelay.audio_formats import coerce_audio_format
 from voicerelay.call_events import InvalidCallEvent, make_event
+from voicerelay.logs import call_id_var, tenant_id_var
 from voicerelay.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -233,6 +235,10 @@ class CallBridge:
         self.phone: PhoneLink | None = None
         self._quiet = False
         self._renew_now = False
+        # Participants still owed ``call.ready`` (sid -> resumed). It goes to each sid, never to
+        # the room: a room emit is resolved when the pump sends it, by which time a join that
+        # also saw the call ready may have put the same sid in the room (a second call.ready).
+        self._ready_owed: dict[str, bool] = {}
         self.takeover = takeover is not None
         if takeover is not None:
             self._continue_from(takeover)
@@ -273,11 +279,19 @@ class CallBridge:
             self._had_caller = True
             self._log_event("connected", resumed=False, leg="phone")
         name = f"call-{self.call_id}"
-        self._run_task = asyncio.create_task(self._run(), name=name)
+        self._run_task = asyncio.create_task(self._run(), name=name, context=self._log_context())
         self._tasks = [
-            asyncio.create_task(self._pump(), name=name + "-out"),
-            asyncio.create_task(self._watch(), name=name + "-watch"),
+            asyncio.create_task(self._pump(), name=name + "-out", context=self._log_context()),
+            asyncio.create_task(self._watch(), name=name + "-watch", context=self._log_context()),
         ]
+
+    def _log_context(self) -> contextvars.Context:
+        """A context for one of the call's tasks: every log line they write (the upstream's,
+        the call log's too) carries the tenant and call ids."""
+        context = contextvars.copy_context()
+        context.run(tenant_id_var.set, str(self.tenant_id))
+        context.run(call_id_var.set, str(self.call_id))
+        return context
 
     @property
     def ended(self) -> bool:
@@ -390,7 +404,12 @@ class CallBridge:
             extra={"call_id": str(self.call_id), "conversation_id": started.conversation_id},
         )
         # After a take-over the call goes on with a new conversation: resumed for the clients.
-        self._send(wire.EV_READY, self._ready_payload(resumed=self.takeover), self.room)
+        owed, self._ready_owed = self._ready_owed, {}
+        for sid, resumed in owed.items():
+            if self._present(sid):
+                self._send(
+                    wire.EV_READY, self._ready_payload(resumed=resumed or self.takeover), sid
+                )
 
     def _transcoder_to_agent(self, name: str) -> Transcoder:
         return make_transcoder(self._client_format, name)
@@ -516,6 +535,9 @@ class CallBridge:
                 self._to_agent.reset()
                 self._to_client.reset()
             self._log_event("connected", resumed=resumed)
+        ready_now = self.ready
+        if not ready_now:
+            self._ready_owed[sid] = resumed  # _on_started sends it, even while we await below
         if replica is None:
             await self._emitter.enter_room(sid, self.room)
             if participant.role == "monitor" and self._present(sid):
@@ -523,7 +545,7 @@ class CallBridge:
         if previous is not None and previous != sid:
             # The same caller on a newer connection: the old one is dead or a duplicate.
             await self._emitter.disconnect(previous)
-        if self.ready and self._present(sid):
+        if ready_now and self._present(sid):
             self._send(wire.EV_READY, self._ready_payload(resumed=resumed), sid)
 
     def _present(self, sid: str) -> bool:
@@ -532,6 +554,7 @@ class CallBridge:
 
     def leave(self, sid: str) -> None:
         self.remote_sids.pop(sid, None)
+        self._ready_owed.pop(sid, None)
         if sid == self.caller_sid:
             self.caller_sid = None
             if not self.ended:
