@@ -211,6 +211,10 @@ async def test_barge_in_drops_stale_audio(
         await stream(client, barge + pcm_silence(0.8), chunk_bytes=FRAME_20MS)
         await client.wait_for("interruption", after=mark)
         flush = client.index_of("interruption", mark)
+        # What the agent actually got to say of the reply it was cut off in.
+        correction = await client.wait_for("agent_response_correction", after=flush)
+        assert set(correction) == {"original", "corrected"}
+        assert correction["original"].startswith(correction["corrected"].rstrip("…. "))
         await client.wait_for("agent_response", after=flush)
         await eventually(lambda: len(client.audio(flush)) >= len(barge), timeout=10)
         await asyncio.sleep(0.3)
