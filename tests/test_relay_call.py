@@ -78,6 +78,7 @@ async def test_full_call_audio_transcripts_tool_and_call_log(
         tenant,
         EmulatedAgent(realtime=False, ping_interval_seconds=0.3),
         dynamic_variables={"company": "Acme"},
+        conversation_overrides={"agent": {"language": "en"}},
     )
     call = await stack.call(api, tenant, agent, dynamic_variables={"customer": "Ada"})
     voiced = pcm_tone(1.0)
@@ -92,6 +93,9 @@ async def test_full_call_audio_transcripts_tool_and_call_log(
             "resumed": False,
         }
         conversation = stack.conversation(ready["conversation_id"])
+        assert conversation.initiation["conversation_config_override"] == {
+            "agent": {"language": "en"}
+        }
         assert conversation.initiation["dynamic_variables"] == {
             "company": "Acme",
             "customer": "Ada",
@@ -153,6 +157,8 @@ async def test_full_call_audio_transcripts_tool_and_call_log(
     assert usage["frames_in"] == len(spoken) // FRAME_20MS
     assert usage["bytes_out"] >= len(voiced)
     assert usage["audio_in_seconds"] == pytest.approx(1.8, abs=0.01)
+    assert usage["frames_out"] >= 1
+    assert usage["audio_out_seconds"] == pytest.approx(usage["bytes_out"] / 32_000, abs=0.01)
     lines = [(line["role"], line["text"]) for line in record["transcript"]]
     assert ("agent", "lookup_order returned: shipped") in lines
     assert any(role == "user" for role, _ in lines)

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from control_api.app import create_app as create_api_app
 from tests import test_relay_call as call_tests
 from tests.support.relay_stack import (
+    ConnectRefused,
     RelayStack,
     call_client,
     pcm_silence,
@@ -25,6 +29,7 @@ from tests.support.relay_stack import (
     stream,
 )
 from tests.support.servers import serve
+from tests.support.services import free_port
 from voicerelay.emulators.elevenlabs import EmulatedAgent
 from voicerelay.logs import JsonFormatter
 
@@ -161,3 +166,87 @@ async def test_call_log_lines_are_json_with_tenant_and_call_ids_and_none_per_fra
         assert line["tenant_id"] == str(tenant.tenant_id), line
     # A handful of lines for the whole call, whatever its length in frames.
     assert len(relay_log_lines.lines) < frames // 10, messages
+
+
+async def stalled_caller(relay_url: str, token: str) -> websockets.ClientConnection:
+    """A caller whose socket stops reading after ``call.ready``: its receive buffer is tiny, so
+    the relay's sends back up at once instead of filling loopback buffers for megabytes."""
+    host, port = relay_url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    ws = await websockets.connect(
+        f"ws://{host}:{port}/socket.io/?EIO=4&transport=websocket", sock=sock, compression=None
+    )
+    await asyncio.wait_for(ws.recv(), 5)  # Engine.IO open
+    await ws.send('40{"token":"' + token + '"}')
+    assert str(await asyncio.wait_for(ws.recv(), 10)).startswith("40{")
+    assert str(await asyncio.wait_for(ws.recv(), 10)).startswith('42["call.ready"')
+    return ws
+
+
+async def test_a_caller_that_stops_reading_loses_its_oldest_audio_and_blocks_no_other_call(
+    stack: RelayStack, api: httpx.AsyncClient, tenant: Any
+) -> None:
+    before = await scrape(stack.relay_url)
+    # 48 kHz both ways: two minutes of agent audio (11.5 MB) is far more than socket buffers.
+    loud = await stack.agent(
+        api,
+        tenant,
+        EmulatedAgent(realtime=False, input_format="pcm_48000", output_format="pcm_48000"),
+    )
+    stuck_call = await stack.call(api, tenant, loud, client_audio_format="pcm_48000")
+    stuck = await stalled_caller(stack.relay_url, stuck_call["token"])
+    try:
+        await stuck.send('42["user_message",{"text":"tone:120"}]')
+
+        async def dropped() -> float:
+            samples = await scrape(stack.relay_url)
+            name = "voicerelay_relay_client_queue_dropped_total"
+            return value(samples, name) - value(before, name)
+
+        async with asyncio.timeout(20):
+            while await dropped() <= 0:
+                await asyncio.sleep(0.1)
+
+        # Meanwhile another call on the same relay goes on as usual, its audio byte-exact.
+        agent = await stack.agent(api, tenant, EmulatedAgent(realtime=False))
+        call = await stack.call(api, tenant, agent)
+        voiced = pcm_tone(0.4)
+        async with call_client(stack.relay_url, call["token"]) as client:
+            await client.wait_for("call.ready")
+            mark = len(client.events)
+            await stream(client, voiced + pcm_silence(0.8), chunk_bytes=FRAME_20MS)
+            await call_tests.eventually(lambda: len(client.audio(mark)) >= len(voiced))
+            assert client.audio(mark) == voiced
+            await client.emit("call.end")
+            await client.wait_for("call.ended")
+        # The stuck call's queue stays bounded: it holds at most the configured chunks.
+        bridge = stack.relay_app.runtime.registry.get(uuid.UUID(stuck_call["call_id"]))
+        assert bridge is not None
+        assert len(bridge._outbox) <= stack.settings.relay_client_queue_chunks
+    finally:
+        stuck.transport.abort()
+
+
+async def test_a_connect_the_agent_cannot_be_reached_for_is_refused_upstream_unavailable(
+    stack: RelayStack, tenant: Any
+) -> None:
+    # A private agent needs a signed URL from ElevenLabs, and ElevenLabs is not there.
+    api_settings = stack_settings(
+        stack.settings, elevenlabs_api_url=f"http://127.0.0.1:{free_port()}"
+    )
+    async with (
+        serve(create_api_app(api_settings)) as api_url,
+        httpx.AsyncClient(base_url=api_url, timeout=10) as api,
+    ):
+        relay_settings = stack_settings(stack.settings, control_api_internal_url=api_url)
+        async with serve_relay(relay_settings) as (relay_url, _):
+            agent = await stack.agent(api, tenant, EmulatedAgent(requires_auth=True))
+            call = await stack.call(api, tenant, agent)
+            async with call_client(relay_url) as client:
+                with pytest.raises(ConnectRefused) as refused:
+                    await client.connect(call["token"])
+    assert refused.value.code == "upstream_unavailable"
+    assert set(refused.value.data["data"]) == {"code", "message"}
