@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import asyncpg
 import httpx
+import pytest
 
 from control_api.bootstrap import NewTenant
 from tests.conftest import TestDatabase
@@ -169,3 +171,47 @@ async def test_passwords_are_stored_as_argon2id_hashes(
     )
     assert stored.startswith("$argon2id$")
     assert tenant.owner_password not in stored
+
+
+async def test_passwords_and_tokens_never_appear_in_logs(
+    http: httpx.AsyncClient, tenant: NewTenant, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong, new = "wrong-" + uuid.uuid4().hex, "new-passphrase-" + uuid.uuid4().hex
+    bodies: list[str] = []
+    r = await login_response(http, tenant.owner_email, wrong)
+    assert r.status_code == 401
+    bodies.append(r.text)
+    first = await login(http, tenant.owner_email, tenant.owner_password)
+    r = await refresh_response(http, first["refresh_token"])
+    assert r.status_code == 200
+    second = r.json()
+    r = await http.post(
+        "/v1/users/me/password",
+        json={"current_password": tenant.owner_password, "new_password": new},
+        headers=bearer(second["access_token"]),
+    )
+    assert r.status_code == 200, r.text
+    bodies.append(r.text)
+    third = r.json()
+    # Reuse of a rotated refresh token: the family is revoked (and that is logged).
+    r = await refresh_response(http, first["refresh_token"])
+    assert r.status_code == 401
+    bodies.append(r.text)
+    r = await http.post(
+        "/v1/auth/logout",
+        json={"refresh_token": third["refresh_token"]},
+        headers=bearer(third["access_token"]),
+    )
+    assert r.status_code in (200, 204), r.text
+
+    passwords = [wrong, new, tenant.owner_password]
+    tokens = [s[k] for s in (first, second, third) for k in ("access_token", "refresh_token")]
+    for body in bodies:
+        for secret in passwords:
+            assert secret not in body
+    assert caplog.records, "expected the API to log something over this flow"
+    for record in caplog.records:
+        rendered = record.getMessage() + repr(record.__dict__)
+        for secret in [*passwords, *tokens]:
+            assert secret not in rendered, record.name

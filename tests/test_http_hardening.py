@@ -168,3 +168,27 @@ async def test_json_request_logs_carry_request_and_tenant_ids(
     assert MISSING not in text
     assert tenant.api_key not in text
     assert tenant.api_key.split("_")[-1] not in text
+
+
+async def test_no_platform_secret_in_any_public_document(
+    http: httpx.AsyncClient, settings: Settings, tenant: NewTenant
+) -> None:
+    secrets = [
+        settings.require("internal_service_token"),
+        *_key_materials(settings.require("signing_keys")),
+        *_key_materials(settings.require("encryption_keys")),
+    ]
+    responses = [
+        await http.get(path)
+        for path in ("/openapi.json", "/.well-known/jwks.json", "/metrics", "/ready", "/v1/nope")
+    ]
+    responses.append(await http.get("/v1/tenant", headers=auth(tenant)))
+    responses.append(await http.post("/v1/agents", json={"name": 1}, headers=auth(tenant)))
+    for response in responses:
+        for secret in secrets:
+            assert secret not in response.text, response.url
+
+
+def _key_materials(keyring: str) -> list[str]:
+    """The key material of each configured ``kid:material`` entry."""
+    return [entry.split(":", 1)[1] for entry in keyring.split(",")]

@@ -16,7 +16,7 @@ from control_api.client_ip import TrustedProxies, client_ip, parse_address
 from control_api.ratelimit import Rate, RateLimiter
 from tests.support.servers import serve
 from tests.support.services import free_port
-from tests.support.sessions import random_client_ip
+from tests.support.sessions import bearer, login, random_client_ip
 from tests.support.tenants import auth
 from voicerelay.settings import Settings
 
@@ -263,3 +263,18 @@ async def test_limiter_fails_open_without_redis(settings: Settings, tenant: NewT
             r = await http.get("/v1/tenant", headers=auth(tenant))
             assert r.status_code == 200, r.text
     assert errors() >= before + 3
+
+
+async def test_api_limited_per_user(
+    strict_http: httpx.AsyncClient, tenant: NewTenant, other_tenant: NewTenant
+) -> None:
+    sessions = [
+        await login(strict_http, t.owner_email, t.owner_password) for t in (tenant, other_tenant)
+    ]
+    first, second = (bearer(s["access_token"]) for s in sessions)
+    for _ in range(3):
+        assert (await strict_http.get("/v1/tenant", headers=first)).status_code == 200
+    _assert_limited(await strict_http.get("/v1/tenant", headers=first), max_seconds=100)
+    # Each user has their own budget, and so does their tenant's API key.
+    assert (await strict_http.get("/v1/tenant", headers=second)).status_code == 200
+    assert (await strict_http.get("/v1/tenant", headers=auth(tenant))).status_code == 200
