@@ -11,6 +11,7 @@ import pytest
 
 from control_api.bootstrap import NewTenant
 from tests.conftest import TestDatabase
+from tests.support.secrets import assert_no_secret_in
 from tests.support.sessions import bearer, login, login_response, refresh_response
 from tests.support.tenants import auth, make_tenant
 
@@ -207,11 +208,6 @@ async def test_passwords_and_tokens_never_appear_in_logs(
 
     passwords = [wrong, new, tenant.owner_password]
     tokens = [s[k] for s in (first, second, third) for k in ("access_token", "refresh_token")]
-    for body in bodies:
-        for secret in passwords:
-            assert secret not in body
-    assert caplog.records, "expected the API to log something over this flow"
-    for record in caplog.records:
-        rendered = record.getMessage() + repr(record.__dict__)
-        for secret in [*passwords, *tokens]:
-            assert secret not in rendered, record.name
+    # Tokens are in the responses that issue them, by design; passwords are in none.
+    assert_no_secret_in(bodies, caplog.records, passwords)
+    assert_no_secret_in([], caplog.records, tokens)
