@@ -382,6 +382,26 @@ async def test_other_tables_are_out_of_the_app_roles_reach(
     assert {r["relname"]: r["reachable"] for r in rows} == {"schema_migrations": False}
 
 
+async def test_app_role_owns_nothing(app_conn: asyncpg.Connection, world: World) -> None:
+    """An owner may disable RLS, drop policies or redefine functions: the service's role (and
+    the group it inherits from) owns no relation, function, schema, type or database."""
+    owned = await app_conn.fetch(
+        """
+        SELECT 'relation' AS kind, relname::text AS name FROM pg_class
+        WHERE pg_has_role(current_user, relowner, 'USAGE')
+        UNION ALL SELECT 'function', proname::text FROM pg_proc
+        WHERE pg_has_role(current_user, proowner, 'USAGE')
+        UNION ALL SELECT 'schema', nspname::text FROM pg_namespace
+        WHERE pg_has_role(current_user, nspowner, 'USAGE')
+        UNION ALL SELECT 'type', typname::text FROM pg_type
+        WHERE pg_has_role(current_user, typowner, 'USAGE')
+        UNION ALL SELECT 'database', datname::text FROM pg_database
+        WHERE pg_has_role(current_user, datdba, 'USAGE')
+        """
+    )
+    assert [(r["kind"], r["name"]) for r in owned] == []
+
+
 async def test_forced_rls_and_a_policy_on_every_tenant_table(
     owner_conn: asyncpg.Connection,
 ) -> None:
