@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -111,6 +112,18 @@ async def test_limit_is_shared_by_replicas(
     for i in range(6):
         results.append((await (one if i % 2 else two).check(key, rate)).allowed)
     assert results == [True] * 4 + [False] * 2
+
+
+async def test_concurrent_checks_never_over_admit(
+    redis_client: aioredis.Redis, second_redis: aioredis.Redis, settings: Settings
+) -> None:
+    # Many requests at once from two replicas: the check-and-update is one atomic script, so
+    # exactly the burst gets through (a read-then-write limiter would let more slip past).
+    limiters = [RateLimiter(redis_client), RateLimiter(second_redis)]
+    rate = Rate.per_minute(1, burst=9)
+    key = _key(settings)
+    decisions = await asyncio.gather(*(limiters[i % 2].check(key, rate) for i in range(60)))
+    assert sum(d.allowed for d in decisions) == 10
 
 
 async def test_keys_are_independent(redis_client: aioredis.Redis, settings: Settings) -> None:
