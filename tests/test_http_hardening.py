@@ -187,6 +187,9 @@ async def test_no_platform_secret_in_any_public_document(
     for response in responses:
         for secret in secrets:
             assert secret not in response.text, response.url
+    # Public halves only: whoever reads the JWKS (the relay) can verify but never mint.
+    for jwk in responses[1].json()["keys"]:
+        assert set(jwk) == {"kty", "crv", "x", "kid", "alg", "use"}
 
 
 def _key_materials(keyring: str) -> list[str]:
