@@ -119,8 +119,8 @@ def up(
 ) -> None:
     """Run everything locally in one process (what `make run` calls).
 
-    Starts the control API, the ElevenLabs emulator and, once it exists, the relay, all on
-    127.0.0.1. In development (the default for this command) an unset DATABASE_URL starts an
+    Starts the control API, the relay, the ElevenLabs emulator and the Twilio REST emulator, all
+    on 127.0.0.1. In development (the default for this command) an unset DATABASE_URL starts an
     embedded PostgreSQL and an unset REDIS_URL an embedded Redis under the state directory,
     and missing SIGNING_KEYS / ENCRYPTION_KEYS / INTERNAL_SERVICE_TOKEN are generated there.
     Configured URLs are used as given and migrated with MIGRATION_DATABASE_URL. Prints the
