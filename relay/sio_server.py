@@ -38,6 +38,7 @@ from relay import metrics
 from relay.bridge import EV_RECONNECT
 from relay.cluster.registry import CallRecord
 from relay.cluster.remote import RemoteCall, reject
+from relay.eio_socket import RelaySocketIOServer
 from relay.placement import CallPlacer, Placement, Refusal, RemotePlacement
 from relay.protocol import client as wire
 from relay.registry import Participant
@@ -136,7 +137,7 @@ def create_sio_server(
 ) -> tuple[socketio.AsyncServer, SioEmitter, RelayHandlers]:
     settings = runtime.settings
     sio_log, eio_log = _library_loggers()
-    sio = socketio.AsyncServer(
+    sio = RelaySocketIOServer(
         client_manager=runtime.manager,
         async_mode="asgi",
         transports=["websocket"],

@@ -1,0 +1,171 @@
+"""relay.eio_socket: Engine.IO's WebSocket loop without a task and a timer per packet, on a real
+uvicorn server with real Socket.IO and raw WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import socketio
+import websockets
+
+from relay.eio_socket import RelayEngineIOSocket, RelaySocketIOServer, _ReadDeadline
+from tests.support.servers import serve
+
+MAX_PACKET = 4096
+GONE_WITHIN = 15.0  # generous: only that a silent client is dropped at all
+
+
+class EchoServer:
+    def __init__(self, *, ping: float = 25.0) -> None:
+        self.sio = RelaySocketIOServer(
+            async_mode="asgi",
+            transports=["websocket"],
+            async_handlers=False,
+            max_http_buffer_size=MAX_PACKET,
+            ping_interval=ping,
+            ping_timeout=ping,
+        )
+        self.disconnected: asyncio.Queue[str] = asyncio.Queue()
+        self.sio.on("audio", self._audio)
+        self.sio.on("text", self._text)
+        self.sio.on("disconnect", self._disconnect)
+
+    async def _audio(self, sid: str, data: bytes) -> None:
+        await self.sio.emit("audio", data, to=sid)
+
+    async def _text(self, sid: str, data: Any) -> None:
+        await self.sio.emit("text", data, to=sid)
+
+    async def _disconnect(self, sid: str, reason: Any = None) -> None:
+        self.disconnected.put_nowait(sid)
+
+
+@contextlib.asynccontextmanager
+async def running(server: EchoServer) -> AsyncIterator[str]:
+    async with serve(socketio.ASGIApp(server.sio)) as url:
+        yield url
+
+
+async def test_frames_echo_in_order_and_byte_exact() -> None:
+    server = EchoServer()
+    async with running(server) as url:
+        client = socketio.AsyncClient()
+        got: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        client.on("audio", lambda data: got.put_nowait(("audio", data)))
+        client.on("text", lambda data: got.put_nowait(("text", data)))
+        await client.connect(url, transports=["websocket"])
+        try:
+            sent: list[tuple[str, Any]] = []
+            for i in range(300):
+                if i % 5 == 4:
+                    item: tuple[str, Any] = ("text", {"n": i})
+                else:
+                    item = ("audio", bytes([i % 256]) * (320 + i))
+                sent.append(item)
+                await client.emit(*item)
+            received = [await asyncio.wait_for(got.get(), 10) for _ in sent]
+            assert received == sent
+            sockets = list(server.sio.eio.sockets.values())
+            assert sockets
+            assert all(type(s) is RelayEngineIOSocket for s in sockets)
+        finally:
+            await client.disconnect()
+        assert await asyncio.wait_for(server.disconnected.get(), 10)
+
+
+async def _open_raw(url: str) -> websockets.ClientConnection:
+    ws_url = url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+    ws = await websockets.connect(ws_url)
+    opened = await asyncio.wait_for(ws.recv(), 10)
+    assert isinstance(opened, str)
+    assert opened.startswith("0")
+    await ws.send("40")
+    connected = await asyncio.wait_for(ws.recv(), 10)
+    assert isinstance(connected, str)
+    assert connected.startswith("40")
+    return ws
+
+
+async def _closed(ws: websockets.ClientConnection) -> None:
+    """Reads (ignoring the server's pings) until the server closes the connection."""
+    with contextlib.suppress(websockets.ConnectionClosed):
+        while True:
+            await ws.recv()
+
+
+async def test_a_silent_client_is_dropped() -> None:
+    server = EchoServer(ping=0.3)
+    async with running(server) as url:
+        ws = await _open_raw(url)
+        await asyncio.wait_for(_closed(ws), GONE_WITHIN)
+        assert await asyncio.wait_for(server.disconnected.get(), GONE_WITHIN)
+        assert not server.sio.eio.sockets
+
+
+async def test_an_oversized_packet_closes_the_connection() -> None:
+    server = EchoServer()
+    async with running(server) as url:
+        ws = await _open_raw(url)
+        await ws.send("42" + json.dumps(["text", "x" * (MAX_PACKET + 1)]))
+        await asyncio.wait_for(_closed(ws), 10)
+        assert await asyncio.wait_for(server.disconnected.get(), 10)
+
+
+async def test_a_client_that_closes_is_disconnected() -> None:
+    server = EchoServer()
+    async with running(server) as url:
+        ws = await _open_raw(url)
+        await ws.close()
+        assert await asyncio.wait_for(server.disconnected.get(), 10)
+
+
+# --- the read deadline on its own -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("waiting", [True, False])
+async def test_read_deadline_cancels_only_a_reader_waiting_for_a_packet(waiting: bool) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.create_task(asyncio.Event().wait())
+    deadline = _ReadDeadline(loop, reader, 0.05)
+    deadline.waiting = waiting
+    try:
+        # Waiting: cancelled (however slow the machine). Handling a packet: many deadlines pass.
+        done, _ = await asyncio.wait([reader], timeout=GONE_WITHIN if waiting else 0.5)
+        assert bool(done) is waiting
+        assert deadline.expired is waiting
+        if not waiting:
+            deadline.waiting = True  # the handler finished its packet and waits again
+            await asyncio.wait([reader], timeout=GONE_WITHIN)
+            assert reader.cancelled()
+            assert deadline.expired
+    finally:
+        deadline.cancel()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+async def test_read_deadline_rearms_from_the_last_read() -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.create_task(asyncio.Event().wait())
+    deadline = _ReadDeadline(loop, reader, 2.0)
+    deadline.waiting = True
+    try:
+        for _ in range(5):  # reads keep coming: never cancelled
+            await asyncio.sleep(0.02)
+            deadline.last = loop.time()
+        assert not reader.done()
+        assert not deadline.expired
+        await asyncio.wait([reader], timeout=GONE_WITHIN)
+        assert reader.cancelled()
+        assert deadline.expired
+    finally:
+        deadline.cancel()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
