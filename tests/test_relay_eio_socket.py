@@ -127,22 +127,14 @@ async def test_a_client_that_closes_is_disconnected() -> None:
 # --- the read deadline on its own -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("waiting", [True, False])
-async def test_read_deadline_cancels_only_a_reader_waiting_for_a_packet(waiting: bool) -> None:
+@contextlib.asynccontextmanager
+async def deadline_on_a_reader(timeout: float) -> AsyncIterator[tuple[asyncio.Task[Any], Any]]:
+    """A reader task that waits forever, under a read deadline of ``timeout``."""
     loop = asyncio.get_running_loop()
     reader = asyncio.create_task(asyncio.Event().wait())
-    deadline = _ReadDeadline(loop, reader, 0.05)
-    deadline.waiting = waiting
+    deadline = _ReadDeadline(loop, reader, timeout)
     try:
-        # Waiting: cancelled (however slow the machine). Handling a packet: many deadlines pass.
-        done, _ = await asyncio.wait([reader], timeout=GONE_WITHIN if waiting else 0.5)
-        assert bool(done) is waiting
-        assert deadline.expired is waiting
-        if not waiting:
-            deadline.waiting = True  # the handler finished its packet and waits again
-            await asyncio.wait([reader], timeout=GONE_WITHIN)
-            assert reader.cancelled()
-            assert deadline.expired
+        yield reader, deadline
     finally:
         deadline.cancel()
         reader.cancel()
@@ -150,22 +142,33 @@ async def test_read_deadline_cancels_only_a_reader_waiting_for_a_packet(waiting:
             await reader
 
 
+async def _cancelled_by(reader: asyncio.Task[Any], deadline: Any) -> None:
+    await asyncio.wait([reader], timeout=GONE_WITHIN)
+    assert reader.cancelled()
+    assert deadline.expired
+
+
+@pytest.mark.parametrize("waiting", [True, False])
+async def test_read_deadline_cancels_only_a_reader_waiting_for_a_packet(waiting: bool) -> None:
+    async with deadline_on_a_reader(0.05) as (reader, deadline):
+        deadline.waiting = waiting
+        if waiting:
+            await _cancelled_by(reader, deadline)
+            return
+        await asyncio.sleep(0.5)  # handling a packet: many deadlines pass
+        assert not reader.done()
+        assert not deadline.expired
+        deadline.waiting = True  # the handler finished its packet and waits again
+        await _cancelled_by(reader, deadline)
+
+
 async def test_read_deadline_rearms_from_the_last_read() -> None:
     loop = asyncio.get_running_loop()
-    reader = asyncio.create_task(asyncio.Event().wait())
-    deadline = _ReadDeadline(loop, reader, 2.0)
-    deadline.waiting = True
-    try:
+    async with deadline_on_a_reader(2.0) as (reader, deadline):
+        deadline.waiting = True
         for _ in range(5):  # reads keep coming: never cancelled
             await asyncio.sleep(0.02)
             deadline.last = loop.time()
         assert not reader.done()
         assert not deadline.expired
-        await asyncio.wait([reader], timeout=GONE_WITHIN)
-        assert reader.cancelled()
-        assert deadline.expired
-    finally:
-        deadline.cancel()
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        await _cancelled_by(reader, deadline)
