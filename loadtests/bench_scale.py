@@ -88,6 +88,9 @@ class Options:
     # Instead of ``calls`` at every step: this many calls per replica (the load grows with the
     # replicas), to see a replica's cost per call at a constant load per replica.
     calls_per_replica: int | None = None
+    # Run the replicas on these CPUs only and everything else (load generators, emulator, control
+    # API, Redis) on the others: on a machine with a core per replica, the layout of production.
+    replica_cpus: list[int] | None = None
 
     @property
     def talk_frames(self) -> int:
@@ -223,7 +226,11 @@ class Replica:
 
 
 def spawn_replicas(
-    stack: BenchStack, count: int, manager: str, profile: Path | None = None
+    stack: BenchStack,
+    count: int,
+    manager: str,
+    profile: Path | None = None,
+    cpus: list[int] | None = None,
 ) -> list[Replica]:
     started: list[Replica] = []
     for index in range(count):
@@ -247,6 +254,7 @@ def spawn_replicas(
             process = subprocess.Popen(
                 command,
                 env=env,
+                preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -409,7 +417,7 @@ def measure(
     cross = sum(cross_replica(i, options.cross, count) for i in range(options.calls))
     result = Measurement(manager=manager, replicas=count, calls=options.calls, cross_calls=cross)
     result.load_average = os.getloadavg()[0]
-    servers = spawn_replicas(stack, count, manager, options.profile)
+    servers = spawn_replicas(stack, count, manager, options.profile, options.replica_cpus)
     try:
         asyncio.run(_measure(stack, redis_pid, servers, result, options))
     except Exception as exc:
@@ -603,7 +611,21 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         default=None,
         help="Run the replicas under cProfile, stats (<relay id>.prof) here; inflates CPU.",
     )
+    parser.add_argument(
+        "--replica-cpus",
+        default=None,
+        help="Comma-separated CPU numbers for the replicas; everything else runs on the other CPUs.",
+    )
     args = parser.parse_args(argv)
+    replica_cpus = None
+    if args.replica_cpus is not None:
+        available = os.sched_getaffinity(0)
+        try:
+            replica_cpus = sorted({int(c) for c in args.replica_cpus.split(",") if c.strip()})
+        except ValueError:
+            parser.error("--replica-cpus takes CPU numbers, e.g. 1 or 2,3")
+        if not replica_cpus or not set(replica_cpus) < available:
+            parser.error(f"--replica-cpus: some of {sorted(available)}, leaving at least one")
     managers = [m.strip() for m in args.managers.split(",") if m.strip()]
     if not managers or set(managers) - set(CHOICES):
         parser.error(f"--managers takes {', '.join(CHOICES)}")
@@ -627,6 +649,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         connect_timeout=args.connect_timeout,
         profile=args.profile,
         calls_per_replica=args.calls_per_replica,
+        replica_cpus=replica_cpus,
     )
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -671,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
         generate()
         return 0
     options, args = parse_args(argv)
+    if options.replica_cpus is not None:
+        # Inherited by every process started from here on, except the replicas (their own CPUs).
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - set(options.replica_cpus))
     started = time.monotonic()
     with contextlib.ExitStack() as cleanup:
         logs = args.logs or Path(cleanup.enter_context(tempfile.TemporaryDirectory()))
@@ -692,6 +718,12 @@ def main(argv: list[str] | None = None) -> int:
             f" 1 call in {every} joins on replica i and talks through replica i+1."
             if every
             else " no cross-replica calls."
+        )
+        + (
+            f" Replicas on CPUs {options.replica_cpus}, everything else on"
+            f" {sorted(os.sched_getaffinity(0))}."
+            if options.replica_cpus is not None
+            else ""
         )
     )
     print(table(measurements))
