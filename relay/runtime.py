@@ -37,6 +37,7 @@ from relay.drain import Drain
 from relay.jwks import CallTokenVerifier
 from relay.registry import CallRegistry
 from relay.sessions import SessionClient
+from voicerelay.cancellation import cancel_until_done, failures
 from voicerelay.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -187,9 +188,11 @@ class RelayRuntime:
                 await self.cluster.forget_replica()
         await self.call_log.close(CALL_LOG_CLOSE_SECONDS)
         if self._call_log_task is not None:
-            self._call_log_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._call_log_task
+            # Cancelled until it has ended: a cancellation lost in a Redis command on 3.11
+            # (voicerelay.cancellation) would otherwise hang the shutdown.
+            await cancel_until_done([self._call_log_task])
+            for error in failures([self._call_log_task]):
+                log.error("call-log producer failed", exc_info=error)
         await self.verifier.aclose()
         await self.http.aclose()
         await self.redis.aclose()

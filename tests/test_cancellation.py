@@ -12,7 +12,7 @@ import sys
 
 from tests.conftest import TestDatabase
 from tests.support.ports import subprocess_port
-from voicerelay.cancellation import cancel_until_done
+from voicerelay.cancellation import cancel_until_done, failures
 from voicerelay.settings import Settings
 
 
@@ -45,6 +45,20 @@ async def test_outcomes_are_left_to_read() -> None:
     await asyncio.sleep(0)
     await cancel_until_done([failed])
     assert isinstance(failed.exception(), ValueError)
+
+
+async def test_failures_reads_only_ended_tasks_that_failed() -> None:
+    async def fail() -> None:
+        raise ValueError("boom")
+
+    failed = asyncio.create_task(fail())
+    finished = asyncio.create_task(asyncio.sleep(0))
+    forever = asyncio.create_task(asyncio.Event().wait())
+    await asyncio.wait([failed, finished])
+    await cancel_until_done([forever])
+    found = failures([failed, finished, forever])
+    assert len(found) == 1
+    assert isinstance(found[0], ValueError)
 
 
 def test_api_on_a_taken_port_exits(settings: Settings, database: TestDatabase) -> None:

@@ -25,3 +25,15 @@ async def cancel_until_done(tasks: Iterable[asyncio.Task[Any]]) -> None:
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=_RECANCEL_SECONDS)
+
+
+def failures(tasks: Iterable[asyncio.Task[Any]]) -> list[BaseException]:
+    """The exceptions of ended ``tasks`` that were not cancelled, read (so asyncio does not
+    report them as never retrieved when the tasks are collected)."""
+    found: list[BaseException] = []
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            error = task.exception()
+            if error is not None:
+                found.append(error)
+    return found

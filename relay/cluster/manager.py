@@ -54,6 +54,7 @@ from relay.cluster.channels import Channels, KeyFunction, replica_tag, sid_tag, 
 from relay.cluster.emit_packets import EmitPackets
 from relay.cluster.envelope import Envelope, EnvelopeError, Kind
 from relay.cluster.pubsub import PubSub, ReconnectCallback
+from voicerelay.cancellation import cancel_until_done, failures
 from voicerelay.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -204,14 +205,10 @@ class RelayClientManager(socketio.AsyncManager):  # type: ignore[misc]
         if self._closed:
             return
         self._closed = True
-        for worker in list(self._owners.values()):
-            worker.task.cancel()
         tasks = [t for t in (self._refresher, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in [*tasks, *(w.task for w in self._owners.values())]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        tasks += [w.task for w in self._owners.values()]
+        await cancel_until_done(tasks)
+        failures(tasks)  # read, not raised: failures are logged as they happen (_task_done)
         self._owners.clear()
         if self._redis is not None:
             await self._leave_all()

@@ -42,6 +42,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from relay import metrics
+from voicerelay.cancellation import cancel_until_done, failures
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +173,9 @@ class PubSub:
             async with asyncio.timeout(flush_timeout):
                 await self.flush()
         self._closing = True
-        for task in [*self._tasks, *self._side_tasks]:
-            task.cancel()
-        for task in [*self._tasks, *self._side_tasks]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        tasks = [*self._tasks, *self._side_tasks]
+        await cancel_until_done(tasks)
+        failures(tasks)  # read, not raised: an early end is logged as it happens (_task_ended)
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.disconnect(nowait=True)

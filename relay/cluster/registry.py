@@ -31,7 +31,6 @@ meanwhile keeps it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import socket
@@ -46,6 +45,7 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from voicerelay.cancellation import cancel_until_done
 from voicerelay.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -569,7 +569,5 @@ class Heartbeat:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_until_done([self._task])
             self._task = None
