@@ -130,3 +130,8 @@ STALE_CALLS_REAPED = Counter(
     "Connecting or active calls ended as relay_lost (code stale) because no call-log event had "
     "arrived for CALL_STALE_AFTER_SECONDS: their relay replica died and nobody took them over.",
 )
+UNCONNECTED_CALLS_EXPIRED = Counter(
+    "control_api_unconnected_calls_expired_total",
+    "Created calls ended as never_connected (code expired) because their caller token's connect "
+    "window (CALL_TOKEN_CONNECT_WINDOW_SECONDS) had passed without the caller reaching the relay.",
+)

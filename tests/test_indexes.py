@@ -22,6 +22,7 @@ PLATFORM_LOOKUPS = {
     "credentials_key_id": "credentials rewrap: rows still under an old key",
     "calls_provider_call_id": "Twilio callbacks find their call by CallSid",
     "calls_open_created": "the stale-call reaper, across tenants",
+    "calls_unconnected_created": "the unconnected-call expiry, across tenants",
     "tenants_slug_key": "login by tenant slug",
     "phone_numbers_pkey": "E.164 numbers are unique across the platform; inbound routing",
 }

@@ -1,11 +1,12 @@
 """Call-log upkeep: monthly partitions ahead of time, whole partitions dropped past the platform's
-maximum retention, each tenant's rows deleted past its own (shorter) retention, and calls that
-stopped producing events ended (``stale``).
+maximum retention, each tenant's rows deleted past its own (shorter) retention, calls that
+stopped producing events ended (``stale``), and calls whose caller never connected before their
+token's connect window closed ended (``expired``).
 
 Every replica runs it; that is safe because partition work happens under a transaction-scoped
 advisory lock that other replicas skip rather than wait for (and which PgBouncer in transaction
-mode supports), the per-tenant deletes are idempotent, and the stale-call reaper skips calls
-another replica has locked.
+mode supports), the per-tenant deletes are idempotent, and the stale-call reaper and the
+unconnected-call expiry skip calls another replica has locked.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import asyncpg
 
 from control_api.calllog import metrics
 from control_api.calllog.stale import reap_stale_calls
+from control_api.calllog.unconnected import expire_unconnected_calls
 from control_api.db import tenant_tx
 from voicerelay.settings import Settings
 
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 PARTITION_LOCK_KEY = 0x7672_636C_6D61_696E  # "vrclmain"
 MAINTENANCE_INTERVAL_SECONDS = 3600.0
 RETRY_AFTER_ERROR_SECONDS = 60.0
-# Well below CALL_STALE_AFTER_SECONDS (at least 300 s), so a dead call ends soon after it qualifies.
+# Well below CALL_STALE_AFTER_SECONDS (at least 300 s), so a dead call ends soon after it qualifies;
+# an unconnected call ends within about a minute of its connect deadline (plus the margin).
 STALE_CALL_CHECK_SECONDS = 60.0
 DELETE_BATCH_SIZE = 5000
 
@@ -176,8 +179,8 @@ async def _attempt(job: str, work: Callable[[], Awaitable[object]]) -> bool:
 
 
 async def run_call_log_maintenance(state: AppState) -> None:
-    """Until cancelled: stale calls every minute; partitions and retention at start and then
-    hourly. Intervals have jitter, so replicas spread out."""
+    """Until cancelled: stale and unconnected calls every minute; partitions and retention at
+    start and then hourly. Intervals have jitter, so replicas spread out."""
     pool, settings = state.pool, state.settings
     loop = asyncio.get_running_loop()
     next_upkeep = loop.time()
@@ -189,5 +192,11 @@ async def run_call_log_maintenance(state: AppState) -> None:
         await _attempt(
             "stale_calls",
             lambda: reap_stale_calls(pool, idle_seconds=settings.call_stale_after_seconds),
+        )
+        await _attempt(
+            "unconnected_calls",
+            lambda: expire_unconnected_calls(
+                pool, connect_window_seconds=settings.call_token_connect_window_seconds
+            ),
         )
         await asyncio.sleep(STALE_CALL_CHECK_SECONDS * random.uniform(0.9, 1.1))
