@@ -691,6 +691,7 @@ _DEFINER_FUNCTIONS = {
     "phone_number_route": ["tenant_id", "agent_id"],
     "phone_number_taken": [],
     "twilio_call_route": ["tenant_id", "call_id"],
+    "expire_unconnected_calls": ["tenant_id", "call_id"],
     "call_log_retention_policies": ["tenant_id", "retention_days"],
     "ensure_call_log_partitions": [],
     "drop_call_log_partitions_before": [],

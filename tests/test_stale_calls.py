@@ -154,7 +154,15 @@ async def test_live_ended_and_never_started_calls_are_untouched(pool, owner_conn
     # Just under the limit.
     quiet = await _call(owner_conn, tenant.tenant_id, events_ago=(timedelta(seconds=IDLE - 120),))
     # A token that nobody connected with has no relay to lose: not this reaper's business.
-    never_connected = await _call(owner_conn, tenant.tenant_id, status="created", events_ago=())
+    # Recent: a created call past its connect window is the unconnected-call expiry's (0009),
+    # which the session's own control API runs meanwhile.
+    never_connected = await _call(
+        owner_conn,
+        tenant.tenant_id,
+        status="created",
+        created_ago=timedelta(seconds=60),
+        events_ago=(),
+    )
     done = await _call(owner_conn, tenant.tenant_id, status="ended")
     await owner_conn.execute(
         "UPDATE calls SET ended_at = now() - interval '20 minutes', end_reason = 'caller_hangup',"
