@@ -16,6 +16,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from control_api.db import create_pool
 from tests.support.servers import serve
 from tests.support.services import Services, find_or_start_services
 from voicerelay.devstack import bootstrap_database
@@ -114,6 +115,14 @@ async def app_conn(database: TestDatabase) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(database.app_dsn)
     yield conn
     await conn.close()
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """The services' own pool (their database role, row-level security on)."""
+    p = await create_pool(settings)
+    yield p
+    await p.close()
 
 
 @pytest.fixture

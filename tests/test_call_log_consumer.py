@@ -98,13 +98,6 @@ def test_fold_groups_by_call_and_ignores_pure_log_events() -> None:
 
 # --- against real Redis and Postgres -------------------------------------------------------------
 @pytest.fixture
-async def pool(settings) -> AsyncIterator[asyncpg.Pool]:  # type: ignore[no-untyped-def]
-    p = await create_pool(settings)
-    yield p
-    await p.close()
-
-
-@pytest.fixture
 async def stream(settings, redis_client) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
     key = settings.redis_key("test-call-events", uuid.uuid4().hex)
     yield key

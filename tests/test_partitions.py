@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
-import pytest
 
 from control_api.calllog.maintenance import (
     PARTITION_LOCK_KEY,
@@ -15,15 +13,7 @@ from control_api.calllog.maintenance import (
     maintain_partitions,
     run_maintenance_once,
 )
-from control_api.db import create_pool
 from tests.support.tenants import make_tenant
-
-
-@pytest.fixture
-async def pool(settings) -> AsyncIterator[asyncpg.Pool]:  # type: ignore[no-untyped-def]
-    p = await create_pool(settings)
-    yield p
-    await p.close()
 
 
 async def _exists(conn: asyncpg.Connection, name: str) -> bool:

@@ -4,10 +4,11 @@ calls, and the call's log lines (JSON, with its tenant and call ids, none per au
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -58,25 +59,35 @@ def value(
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-async def test_a_call_past_its_maximum_duration_ends_with_max_duration(
-    stack: RelayStack, tenant: Any
-) -> None:
-    # MAX_CALL_DURATION_SECONDS is at least 30 in real settings; a copy skips that check.
-    api_settings = stack_settings(stack.settings, max_call_duration_seconds=2)
+@contextlib.asynccontextmanager
+async def own_api_and_relay(
+    stack: RelayStack, **api_overrides: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, str, Any]]:
+    """A control API with ``api_overrides`` and a relay that uses it: (API client, relay URL,
+    relay app)."""
+    api_settings = stack_settings(stack.settings, **api_overrides)
     async with (
         serve(create_api_app(api_settings)) as api_url,
         httpx.AsyncClient(base_url=api_url, timeout=10) as api,
     ):
         relay_settings = stack_settings(stack.settings, control_api_internal_url=api_url)
         async with serve_relay(relay_settings) as (relay_url, app):
-            agent = await stack.agent(api, tenant, EmulatedAgent(realtime=False))
-            call = await stack.call(api, tenant, agent)
-            async with call_client(relay_url, call["token"]) as client:
-                await client.wait_for("call.ready")
-                ended = await client.wait_for("call.ended", timeout=15)
-                await asyncio.wait_for(client.disconnected.wait(), 5)
-            assert ended == {"reason": "max_duration", "code": "max_duration_exceeded"}
-            assert await app.runtime.cap.active(tenant.tenant_id) == 0
+            yield api, relay_url, app
+
+
+async def test_a_call_past_its_maximum_duration_ends_with_max_duration(
+    stack: RelayStack, tenant: Any
+) -> None:
+    # MAX_CALL_DURATION_SECONDS is at least 30 in real settings; a copy skips that check.
+    async with own_api_and_relay(stack, max_call_duration_seconds=2) as (api, relay_url, app):
+        agent = await stack.agent(api, tenant, EmulatedAgent(realtime=False))
+        call = await stack.call(api, tenant, agent)
+        async with call_client(relay_url, call["token"]) as client:
+            await client.wait_for("call.ready")
+            ended = await client.wait_for("call.ended", timeout=15)
+            await asyncio.wait_for(client.disconnected.wait(), 5)
+        assert ended == {"reason": "max_duration", "code": "max_duration_exceeded"}
+        assert await app.runtime.cap.active(tenant.tenant_id) == 0
 
 
 async def test_metrics_count_calls_audio_both_ways_connects_latency_and_errors(
@@ -234,19 +245,12 @@ async def test_a_connect_the_agent_cannot_be_reached_for_is_refused_upstream_una
     stack: RelayStack, tenant: Any
 ) -> None:
     # A private agent needs a signed URL from ElevenLabs, and ElevenLabs is not there.
-    api_settings = stack_settings(
-        stack.settings, elevenlabs_api_url=f"http://127.0.0.1:{free_port()}"
-    )
-    async with (
-        serve(create_api_app(api_settings)) as api_url,
-        httpx.AsyncClient(base_url=api_url, timeout=10) as api,
-    ):
-        relay_settings = stack_settings(stack.settings, control_api_internal_url=api_url)
-        async with serve_relay(relay_settings) as (relay_url, _):
-            agent = await stack.agent(api, tenant, EmulatedAgent(requires_auth=True))
-            call = await stack.call(api, tenant, agent)
-            async with call_client(relay_url) as client:
-                with pytest.raises(ConnectRefused) as refused:
-                    await client.connect(call["token"])
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    async with own_api_and_relay(stack, elevenlabs_api_url=unreachable) as (api, relay_url, _):
+        agent = await stack.agent(api, tenant, EmulatedAgent(requires_auth=True))
+        call = await stack.call(api, tenant, agent)
+        async with call_client(relay_url) as client:
+            with pytest.raises(ConnectRefused) as refused:
+                await client.connect(call["token"])
     assert refused.value.code == "upstream_unavailable"
     assert set(refused.value.data["data"]) == {"code", "message"}

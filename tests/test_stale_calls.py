@@ -7,33 +7,21 @@ final state, which is the same whichever of the two reaped a call."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
-from typing import Any
 
 import asyncpg
 import pytest
 
 from control_api.calllog.apply import write_tenant_events
-from control_api.calllog.maintenance import run_call_log_maintenance
 from control_api.calllog.stale import reap_stale_calls
-from control_api.db import create_pool, tenant_tx
+from control_api.db import tenant_tx
 from control_api.metrics import STALE_CALLS_REAPED
+from tests.support.call_maintenance import call_row, maintain_until_failed
 from tests.support.tenants import auth
 from voicerelay.call_events import make_event
 
 IDLE = 600
-
-
-@pytest.fixture
-async def pool(settings) -> AsyncIterator[asyncpg.Pool]:  # type: ignore[no-untyped-def]
-    p = await create_pool(settings)
-    yield p
-    await p.close()
 
 
 async def _call(
@@ -74,12 +62,6 @@ async def _call(
     return call_id
 
 
-async def _row(owner_conn: asyncpg.Connection, call_id: uuid.UUID) -> dict[str, Any]:
-    row = await owner_conn.fetchrow("SELECT * FROM calls WHERE id = $1", call_id)
-    assert row is not None
-    return dict(row)
-
-
 async def _reap(pool: asyncpg.Pool) -> int:
     return await reap_stale_calls(pool, idle_seconds=IDLE)
 
@@ -92,12 +74,12 @@ async def test_a_silent_call_is_ended_as_relay_lost_with_an_event_in_its_timelin
     pool, http, owner_conn, tenant
 ) -> None:  # type: ignore[no-untyped-def]
     stale = await _call(owner_conn, tenant.tenant_id)
-    before = await _row(owner_conn, stale)
+    before = await call_row(owner_conn, stale)
     counted = _reaped_total()
 
     await _reap(pool)
 
-    row = await _row(owner_conn, stale)
+    row = await call_row(owner_conn, stale)
     assert row["status"] == "failed"
     assert (row["end_reason"], row["end_code"], row["ended_by"]) == ("relay_lost", "stale", "relay")
     # It ended when it was last heard of, not when the reaper noticed.
@@ -170,12 +152,12 @@ async def test_live_ended_and_never_started_calls_are_untouched(pool, owner_conn
         done,
     )
     untouched = [live, fresh, quiet, never_connected, done]
-    before = {c: await _row(owner_conn, c) for c in untouched}
+    before = {c: await call_row(owner_conn, c) for c in untouched}
 
     await _reap(pool)
 
     for call_id in untouched:
-        assert await _row(owner_conn, call_id) == before[call_id]
+        assert await call_row(owner_conn, call_id) == before[call_id]
         types = await owner_conn.fetch(
             "SELECT type FROM call_events WHERE call_id = $1 AND type = 'ended'", call_id
         )
@@ -187,8 +169,8 @@ async def test_a_late_real_ending_replaces_the_reapers(pool, owner_conn, tenant)
     the truth. Once it has replaced the reaper's, the first real ending wins again."""
     call_id = await _call(owner_conn, tenant.tenant_id)
     await _reap(pool)
-    assert (await _row(owner_conn, call_id))["end_reason"] == "relay_lost"
-    started = (await _row(owner_conn, call_id))["started_at"]
+    assert (await call_row(owner_conn, call_id))["end_reason"] == "relay_lost"
+    started = (await call_row(owner_conn, call_id))["started_at"]
 
     real_end = datetime.now(UTC) - timedelta(minutes=1)
     late_usage = make_event(
@@ -201,7 +183,7 @@ async def test_a_late_real_ending_replaces_the_reapers(pool, owner_conn, tenant)
     )
     async with tenant_tx(pool, tenant.tenant_id) as conn:
         await write_tenant_events(conn, [late_usage])
-    row = await _row(owner_conn, call_id)
+    row = await call_row(owner_conn, call_id)
     # Other late events add what they carry but do not undo the ending on their own.
     assert (row["status"], row["end_reason"]) == ("failed", "relay_lost")
     assert row["audio_in_seconds"] == 1500.0
@@ -216,7 +198,7 @@ async def test_a_late_real_ending_replaces_the_reapers(pool, owner_conn, tenant)
     )
     async with tenant_tx(pool, tenant.tenant_id) as conn:
         await write_tenant_events(conn, [ended])
-    row = await _row(owner_conn, call_id)
+    row = await call_row(owner_conn, call_id)
     assert row["status"] == "ended"
     assert (row["end_reason"], row["end_code"], row["ended_by"]) == (
         "caller_hangup",
@@ -245,7 +227,7 @@ async def test_a_late_real_ending_replaces_the_reapers(pool, owner_conn, tenant)
     )
     async with tenant_tx(pool, tenant.tenant_id) as conn:
         await write_tenant_events(conn, [again])
-    row = await _row(owner_conn, call_id)
+    row = await call_row(owner_conn, call_id)
     assert (row["status"], row["end_reason"], row["ended_at"]) == (
         "ended",
         "caller_hangup",
@@ -253,7 +235,7 @@ async def test_a_late_real_ending_replaces_the_reapers(pool, owner_conn, tenant)
     )
     # Nor does the reaper come back: the call has ended.
     await _reap(pool)
-    assert (await _row(owner_conn, call_id))["end_reason"] == "caller_hangup"
+    assert (await call_row(owner_conn, call_id))["end_reason"] == "caller_hangup"
 
 
 async def test_every_tenant_is_reaped_and_each_event_filed_under_its_own(
@@ -266,12 +248,12 @@ async def test_every_tenant_is_reaped_and_each_event_filed_under_its_own(
     await _reap(pool)
 
     for call_id, tenant_id in ((mine, tenant.tenant_id), (theirs, other_tenant.tenant_id)):
-        assert (await _row(owner_conn, call_id))["end_reason"] == "relay_lost"
+        assert (await call_row(owner_conn, call_id))["end_reason"] == "relay_lost"
         filed = await owner_conn.fetch(
             "SELECT tenant_id FROM call_events WHERE call_id = $1 AND type = 'ended'", call_id
         )
         assert [r["tenant_id"] for r in filed] == [tenant_id]
-    assert (await _row(owner_conn, their_live))["status"] == "active"
+    assert (await call_row(owner_conn, their_live))["status"] == "active"
 
 
 async def test_batches_are_bounded_and_the_rest_waits(pool, owner_conn, tenant) -> None:  # type: ignore[no-untyped-def]
@@ -280,7 +262,7 @@ async def test_batches_are_bounded_and_the_rest_waits(pool, owner_conn, tenant) 
     assert await reap_stale_calls(pool, idle_seconds=IDLE, batch_size=1, max_batches=1) <= 1
     await reap_stale_calls(pool, idle_seconds=IDLE, batch_size=1, max_batches=10)
     for call_id in calls:
-        assert (await _row(owner_conn, call_id))["status"] == "failed"
+        assert (await call_row(owner_conn, call_id))["status"] == "failed"
 
 
 async def test_the_app_role_can_reap_but_choose_nothing(app_conn, owner_conn, tenant) -> None:  # type: ignore[no-untyped-def]
@@ -297,7 +279,7 @@ async def test_the_app_role_can_reap_but_choose_nothing(app_conn, owner_conn, te
         assert recent not in {r["call_id"] for r in rows}
     finally:
         await tx.rollback()
-    assert (await _row(owner_conn, recent))["status"] == "active"
+    assert (await call_row(owner_conn, recent))["status"] == "active"
 
 
 async def test_the_maintenance_loop_reaps_with_the_configured_limit(
@@ -306,16 +288,7 @@ async def test_the_maintenance_loop_reaps_with_the_configured_limit(
     # Silent for 400 s: stale under a 300 s setting, not under the API server's default 600 s, so
     # only the loop started here can end it.
     call_id = await _call(owner_conn, tenant.tenant_id, events_ago=(timedelta(seconds=400),))
-    state = SimpleNamespace(
-        pool=pool, settings=settings.model_copy(update={"call_stale_after_seconds": 300})
+    row = await maintain_until_failed(
+        pool, settings, owner_conn, call_id, call_stale_after_seconds=300
     )
-    task = asyncio.create_task(run_call_log_maintenance(state))  # type: ignore[arg-type]
-    try:
-        async with asyncio.timeout(60):
-            while (await _row(owner_conn, call_id))["status"] != "failed":
-                await asyncio.sleep(0.1)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert (await _row(owner_conn, call_id))["end_code"] == "stale"
+    assert row["end_code"] == "stale"

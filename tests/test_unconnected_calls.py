@@ -8,12 +8,9 @@ are on the rows' final state, which is the same whichever of the two expired a c
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -21,11 +18,11 @@ import orjson
 import pytest
 
 from control_api.calllog.apply import write_tenant_events
-from control_api.calllog.maintenance import run_call_log_maintenance
 from control_api.calllog.unconnected import expire_unconnected_calls
-from control_api.db import create_pool, tenant_tx
+from control_api.db import tenant_tx
 from control_api.metrics import UNCONNECTED_CALLS_EXPIRED
 from control_api.routes.twilio import _RETRY_WINDOW_SECONDS
+from tests.support.call_maintenance import call_row, maintain_until_failed
 from tests.support.tenants import auth
 from voicerelay.call_events import CallEvent, make_event
 
@@ -38,13 +35,6 @@ ENDED_DATA = {
     "ended_by": "control_api",
     "failed": True,
 }
-
-
-@pytest.fixture
-async def pool(settings) -> AsyncIterator[asyncpg.Pool]:  # type: ignore[no-untyped-def]
-    p = await create_pool(settings)
-    yield p
-    await p.close()
 
 
 async def _call(
@@ -69,12 +59,6 @@ async def _call(
         None if last_event_ago is None else now - last_event_ago,
     )
     return call_id
-
-
-async def _row(owner_conn: asyncpg.Connection, call_id: uuid.UUID) -> dict[str, Any]:
-    row = await owner_conn.fetchrow("SELECT * FROM calls WHERE id = $1", call_id)
-    assert row is not None
-    return dict(row)
 
 
 async def _ended_events(
@@ -114,11 +98,11 @@ async def test_a_call_nobody_connected_to_ends_as_never_connected_at_its_deadlin
     pool, http, owner_conn, tenant
 ) -> None:  # type: ignore[no-untyped-def]
     call_id = await _call(owner_conn, tenant.tenant_id)
-    created_at = (await _row(owner_conn, call_id))["created_at"]
+    created_at = (await call_row(owner_conn, call_id))["created_at"]
 
     await _expire(pool)
 
-    row = await _row(owner_conn, call_id)
+    row = await call_row(owner_conn, call_id)
     assert _ending(row) == EXPIRED
     # It ended when its caller could last have connected, not when the expiry noticed.
     deadline = created_at + timedelta(seconds=WINDOW)
@@ -160,9 +144,9 @@ async def test_a_phone_call_waits_for_twilios_webhook_retries(pool, owner_conn, 
 
     await _expire(pool)
 
-    assert (await _row(owner_conn, waiting))["status"] == "created"
-    assert (await _row(owner_conn, browser))["end_code"] == "expired"
-    row = await _row(owner_conn, over)
+    assert (await call_row(owner_conn, waiting))["status"] == "created"
+    assert (await call_row(owner_conn, browser))["end_code"] == "expired"
+    row = await call_row(owner_conn, over)
     assert (row["status"], row["end_reason"]) == ("failed", "never_connected")
     assert row["ended_at"] == row["created_at"] + timedelta(seconds=phone_deadline)
 
@@ -188,12 +172,12 @@ async def test_calls_that_may_still_connect_or_did_are_untouched(pool, owner_con
         done,
     )
     untouched = [in_margin, fresh, *connected, done]
-    before = {c: await _row(owner_conn, c) for c in untouched}
+    before = {c: await call_row(owner_conn, c) for c in untouched}
 
     await _expire(pool)
 
     for call_id in untouched:
-        assert await _row(owner_conn, call_id) == before[call_id]
+        assert await call_row(owner_conn, call_id) == before[call_id]
         assert await _ended_events(owner_conn, call_id) == []
 
 
@@ -203,8 +187,8 @@ async def test_the_relays_late_events_replace_the_expiry(pool, owner_conn, tenan
     carry and the relay's own ending replaces the expiry's."""
     call_id = await _call(owner_conn, tenant.tenant_id)
     await _expire(pool)
-    created_at = (await _row(owner_conn, call_id))["created_at"]
-    assert (await _row(owner_conn, call_id))["end_reason"] == "never_connected"
+    created_at = (await call_row(owner_conn, call_id))["created_at"]
+    assert (await call_row(owner_conn, call_id))["end_reason"] == "never_connected"
 
     connected_at = created_at + timedelta(seconds=WINDOW - 5)
     late = [
@@ -232,7 +216,7 @@ async def test_the_relays_late_events_replace_the_expiry(pool, owner_conn, tenan
         ),
     ]
     await _write(pool, tenant.tenant_id, late)
-    row = await _row(owner_conn, call_id)
+    row = await call_row(owner_conn, call_id)
     assert (row["status"], row["end_code"]) == ("failed", "expired")
     assert (row["started_at"], row["audio_in_seconds"]) == (connected_at, 240.0)
 
@@ -246,7 +230,7 @@ async def test_the_relays_late_events_replace_the_expiry(pool, owner_conn, tenan
         occurred_at=real_end,
     )
     await _write(pool, tenant.tenant_id, [ended])
-    row = await _row(owner_conn, call_id)
+    row = await call_row(owner_conn, call_id)
     assert _ending(row) == ("ended", "caller_hangup", "1000", "caller", 5 * 60 * 1000)
     assert row["ended_at"] == real_end
     assert row["reaped_at"] is None
@@ -256,7 +240,7 @@ async def test_the_relays_late_events_replace_the_expiry(pool, owner_conn, tenan
 
     # The call has ended: the expiry does not come back for it.
     await _expire(pool)
-    assert (await _row(owner_conn, call_id))["end_reason"] == "caller_hangup"
+    assert (await call_row(owner_conn, call_id))["end_reason"] == "caller_hangup"
 
 
 async def test_every_tenant_is_expired_and_each_event_filed_under_its_own(
@@ -269,9 +253,9 @@ async def test_every_tenant_is_expired_and_each_event_filed_under_its_own(
     await _expire(pool)
 
     for call_id, tenant_id in ((mine, tenant.tenant_id), (theirs, other_tenant.tenant_id)):
-        assert (await _row(owner_conn, call_id))["end_reason"] == "never_connected"
+        assert (await call_row(owner_conn, call_id))["end_reason"] == "never_connected"
         assert await _ended_events(owner_conn, call_id) == [(tenant_id, ENDED_DATA)]
-    assert (await _row(owner_conn, their_fresh))["status"] == "created"
+    assert (await call_row(owner_conn, their_fresh))["status"] == "created"
 
 
 async def test_batches_are_bounded_and_the_rest_waits(pool, owner_conn, tenant) -> None:  # type: ignore[no-untyped-def]
@@ -285,7 +269,7 @@ async def test_batches_are_bounded_and_the_rest_waits(pool, owner_conn, tenant) 
         pool, connect_window_seconds=WINDOW, batch_size=1, max_batches=10
     )
     for call_id in calls:
-        assert (await _row(owner_conn, call_id))["status"] == "failed"
+        assert (await call_row(owner_conn, call_id))["status"] == "failed"
 
 
 async def test_the_app_role_can_expire_but_choose_nothing(app_conn, owner_conn, tenant) -> None:  # type: ignore[no-untyped-def]
@@ -304,7 +288,7 @@ async def test_the_app_role_can_expire_but_choose_nothing(app_conn, owner_conn, 
         assert all(list(r.keys()) == ["tenant_id", "call_id"] for r in rows)
     finally:
         await tx.rollback()
-    assert (await _row(owner_conn, recent))["status"] == "created"
+    assert (await call_row(owner_conn, recent))["status"] == "created"
     # Nobody but the application (and the owner) may run it.
     acl = await owner_conn.fetchval(
         "SELECT proacl::text[] FROM pg_proc WHERE proname = 'expire_unconnected_calls'"
@@ -321,7 +305,7 @@ async def test_the_expiry_counts_what_it_ends(pool, owner_conn, tenant) -> None:
     expired = await _expire(pool, window=10)
     assert expired >= 1
     assert _expired_total() - counted == expired
-    assert (await _row(owner_conn, call_id))["end_code"] == "expired"
+    assert (await call_row(owner_conn, call_id))["end_code"] == "expired"
 
 
 async def test_the_maintenance_loop_expires_with_the_configured_window(
@@ -330,19 +314,9 @@ async def test_the_maintenance_loop_expires_with_the_configured_window(
     # 120 s old: expired under a 10 s window, not under the API server's 300 s, so only the loop
     # started here can end it.
     call_id = await _call(owner_conn, tenant.tenant_id, created_ago=timedelta(seconds=120))
-    state = SimpleNamespace(
-        pool=pool, settings=settings.model_copy(update={"call_token_connect_window_seconds": 10})
+    row = await maintain_until_failed(
+        pool, settings, owner_conn, call_id, call_token_connect_window_seconds=10
     )
-    task = asyncio.create_task(run_call_log_maintenance(state))  # type: ignore[arg-type]
-    try:
-        async with asyncio.timeout(60):
-            while (await _row(owner_conn, call_id))["status"] != "failed":
-                await asyncio.sleep(0.1)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    row = await _row(owner_conn, call_id)
     assert (row["end_code"], row["ended_at"]) == (
         "expired",
         row["created_at"] + timedelta(seconds=10),

@@ -12,40 +12,35 @@ import logging
 
 import asyncpg
 
+from control_api.calllog.batches import BATCH_SIZE, MAX_BATCHES_PER_ROUND, run_in_batches
 from control_api.metrics import STALE_CALLS_REAPED
 
 log = logging.getLogger(__name__)
-
-REAP_BATCH_SIZE = 500
-# A bound on one round's work; whatever is left waits for the next round.
-MAX_BATCHES_PER_ROUND = 20
 
 
 async def reap_stale_calls(
     pool: asyncpg.Pool,
     *,
     idle_seconds: int,
-    batch_size: int = REAP_BATCH_SIZE,
+    batch_size: int = BATCH_SIZE,
     max_batches: int = MAX_BATCHES_PER_ROUND,
 ) -> int:
     """End stale calls of every tenant, a short transaction per batch; returns how many."""
-    reaped = 0
-    for _ in range(max_batches):
-        async with pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT tenant_id, call_id FROM reap_stale_calls($1, $2)", idle_seconds, batch_size
-            )
-        reaped += len(rows)
-        STALE_CALLS_REAPED.inc(len(rows))
-        if rows:
-            log.warning(
-                "ended calls that had sent no event for too long (relay lost)",
-                extra={
-                    "count": len(rows),
-                    "idle_seconds": idle_seconds,
-                    "call_ids": [str(r["call_id"]) for r in rows[:20]],
-                },
-            )
-        if len(rows) < batch_size:
-            break
-    return reaped
+    rows = await run_in_batches(
+        pool,
+        "SELECT tenant_id, call_id FROM reap_stale_calls($1, $2)",
+        idle_seconds,
+        batch_size=batch_size,
+        max_batches=max_batches,
+    )
+    STALE_CALLS_REAPED.inc(len(rows))
+    if rows:
+        log.warning(
+            "ended calls that had sent no event for too long (relay lost)",
+            extra={
+                "count": len(rows),
+                "idle_seconds": idle_seconds,
+                "call_ids": [str(r["call_id"]) for r in rows[:20]],
+            },
+        )
+    return len(rows)

@@ -14,38 +14,31 @@ import logging
 
 import asyncpg
 
+from control_api.calllog.batches import BATCH_SIZE, MAX_BATCHES_PER_ROUND, run_in_batches
 from control_api.metrics import UNCONNECTED_CALLS_EXPIRED
 
 log = logging.getLogger(__name__)
-
-EXPIRE_BATCH_SIZE = 500
-# A bound on one round's work; whatever is left waits for the next round.
-MAX_BATCHES_PER_ROUND = 20
 
 
 async def expire_unconnected_calls(
     pool: asyncpg.Pool,
     *,
     connect_window_seconds: int,
-    batch_size: int = EXPIRE_BATCH_SIZE,
+    batch_size: int = BATCH_SIZE,
     max_batches: int = MAX_BATCHES_PER_ROUND,
 ) -> int:
     """End unconnected calls of every tenant, a short transaction per batch; returns how many."""
-    expired = 0
-    for _ in range(max_batches):
-        async with pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT tenant_id, call_id FROM expire_unconnected_calls($1, $2)",
-                connect_window_seconds,
-                batch_size,
-            )
-        expired += len(rows)
-        UNCONNECTED_CALLS_EXPIRED.inc(len(rows))
-        if len(rows) < batch_size:
-            break
-    if expired:
+    rows = await run_in_batches(
+        pool,
+        "SELECT tenant_id, call_id FROM expire_unconnected_calls($1, $2)",
+        connect_window_seconds,
+        batch_size=batch_size,
+        max_batches=max_batches,
+    )
+    UNCONNECTED_CALLS_EXPIRED.inc(len(rows))
+    if rows:
         log.info(
             "ended calls whose caller never connected within the token's connect window",
-            extra={"count": expired, "connect_window_seconds": connect_window_seconds},
+            extra={"count": len(rows), "connect_window_seconds": connect_window_seconds},
         )
-    return expired
+    return len(rows)
