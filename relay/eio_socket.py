@@ -43,15 +43,15 @@ class RelayEngineIOSocket(async_socket.AsyncSocket):  # type: ignore[misc]
                 try:
                     data = await ws.wait()
                 except asyncio.CancelledError:
-                    # Our own deadline, unless the server is cancelling us too (shutdown).
-                    if not deadline.expired or reader.uncancel() > 0:
-                        raise
-                    break
+                    if deadline.expired:
+                        reader.uncancel()  # our own; a shutdown's, if any, stays counted
+                    raise
                 except Exception:  # the connection is gone (Engine.IO's loop does the same)
                     break
+                finally:
+                    deadline.waiting = False
                 if data is None or len(data) > limit:
                     break
-                deadline.waiting = False
                 deadline.last = loop.time()
                 try:
                     await self.receive(packet.Packet(encoded_packet=data))
@@ -61,6 +61,10 @@ class RelayEngineIOSocket(async_socket.AsyncSocket):  # type: ignore[misc]
                     break
                 except Exception:
                     server.logger.exception("Unknown receive error")
+        except asyncio.CancelledError:
+            # The read deadline, or the server cancelling the connection: either way the
+            # connection ends below, as Engine.IO's own loop ends it (it does not re-raise).
+            pass
         finally:
             deadline.cancel()
         await self.queue.put(None)  # the writer's end of stream

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import socketio
 import websockets
+from engineio import packet as eio_packet
 
 from relay.eio_socket import RelayEngineIOSocket, RelaySocketIOServer, _ReadDeadline
 from tests.support.servers import serve
@@ -172,3 +173,59 @@ async def test_read_deadline_rearms_from_the_last_read() -> None:
         assert not reader.done()
         assert not deadline.expired
         await _cancelled_by(reader, deadline)
+
+
+# --- the loop's ending, over an in-memory connection ----------------------------------------
+
+
+class MemoryWebSocket:
+    """What Engine.IO's ASGI driver hands the loop (wait/send/close), kept in memory."""
+
+    def __init__(self) -> None:
+        self.incoming: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self.sent: list[str | bytes] = []
+        self.closed = asyncio.Event()
+
+    async def wait(self) -> str | bytes | None:
+        return await self.incoming.get()
+
+    async def send(self, message: str | bytes) -> None:
+        self.sent.append(message)
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+@pytest.mark.parametrize("how", ["cancelled", "deadline", "client_closed"])
+async def test_the_loop_ends_cleanly_however_the_connection_ends(how: str) -> None:
+    ping = 0.05 if how == "deadline" else 25.0
+    server = RelaySocketIOServer(async_mode="asgi", ping_interval=ping, ping_timeout=ping).eio
+    disconnected: list[str] = []
+
+    async def on_disconnect(sid: str, reason: Any) -> None:
+        disconnected.append(sid)
+
+    server.on("disconnect", on_disconnect)
+    sock = RelayEngineIOSocket(server, "sid-1")
+    server.sockets["sid-1"] = sock
+    ws = MemoryWebSocket()
+    loop_task = asyncio.create_task(sock._websocket_handler(ws))
+    received: list[Any] = []
+    server.on("message", lambda sid, data: received.append(data))
+    await ws.incoming.put("4hello")  # a message from the client, handled in the loop
+    await sock.send(eio_packet.Packet(eio_packet.MESSAGE, "hi"))  # and one to it, by the writer
+    async with asyncio.timeout(GONE_WITHIN):
+        while not (ws.sent and received):
+            await asyncio.sleep(0.01)
+    assert (ws.sent, received) == (["4hi"], ["hello"])
+    if how == "cancelled":
+        loop_task.cancel()  # the server shutting the connection down
+    elif how == "client_closed":
+        await ws.incoming.put(None)
+    await asyncio.wait_for(loop_task, GONE_WITHIN)
+    # Engine.IO's own loop ends this way too: writer stopped, connection closed, disconnect
+    # reported once, and the task ends without re-raising.
+    assert not loop_task.cancelled()
+    assert ws.closed.is_set()
+    assert sock.closed
+    assert disconnected == ["sid-1"]
