@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from control_api.db import create_pool
+from tests.support.relay_stack import RelayStack, relay_stack
 from tests.support.servers import serve
 from tests.support.services import Services, find_or_start_services
 from voicerelay.devstack import bootstrap_database
@@ -156,3 +157,17 @@ async def other_tenant(database: TestDatabase):  # type: ignore[no-untyped-def]
     from tests.support.tenants import make_tenant
 
     return await make_tenant(database.owner_dsn)
+
+
+@pytest.fixture(scope="module")
+async def stack(settings: Settings) -> AsyncIterator[RelayStack]:
+    """The emulator, a control API and one relay, for a test module (a module may define its own)."""
+    async with relay_stack(settings) as running:
+        yield running
+
+
+@pytest.fixture
+async def api(stack: RelayStack) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of ``stack``'s control API."""
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=10) as client:
+        yield client

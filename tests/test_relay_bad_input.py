@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -22,23 +21,10 @@ from tests.support.relay_stack import (
     call_client,
     pcm_silence,
     pcm_tone,
-    relay_stack,
 )
 from voicerelay.call_token import CALL_TOKEN_TYP
 from voicerelay.emulators.elevenlabs import EmulatedAgent
 from voicerelay.settings import Settings
-
-
-@pytest.fixture(scope="module")
-async def stack(settings: Settings) -> AsyncIterator[RelayStack]:
-    async with relay_stack(settings) as running:
-        yield running
-
-
-@pytest.fixture
-async def api(stack: RelayStack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=10) as client:
-        yield client
 
 
 @pytest.fixture

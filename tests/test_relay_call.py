@@ -8,7 +8,7 @@ its input and output formats are equal, which makes the audio checks exact.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -20,26 +20,12 @@ from tests.support.relay_stack import (
     pcm_rms,
     pcm_silence,
     pcm_tone,
-    relay_stack,
     stream,
 )
 from tests.support.tenants import auth
 from voicerelay.emulators.elevenlabs import EmulatedAgent
-from voicerelay.settings import Settings
 
 FRAME_20MS = 640  # PCM16 at 16 kHz
-
-
-@pytest.fixture(scope="module")
-async def stack(settings: Settings) -> AsyncIterator[RelayStack]:
-    async with relay_stack(settings) as running:
-        yield running
-
-
-@pytest.fixture
-async def api(stack: RelayStack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=10) as client:
-        yield client
 
 
 async def eventually(check: Callable[[], Any], *, timeout: float = 10.0) -> Any:

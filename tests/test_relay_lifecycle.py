@@ -22,7 +22,6 @@ from tests.support.relay_stack import (
     ConnectRefused,
     RelayStack,
     call_client,
-    relay_stack,
     serve_relay,
     stack_settings,
 )
@@ -30,18 +29,6 @@ from tests.support.servers import serve
 from tests.support.tenants import make_tenant
 from voicerelay.emulators.elevenlabs import EmulatedAgent
 from voicerelay.settings import Settings
-
-
-@pytest.fixture(scope="module")
-async def stack(settings: Settings) -> AsyncIterator[RelayStack]:
-    async with relay_stack(settings) as running:
-        yield running
-
-
-@pytest.fixture
-async def api(stack: RelayStack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=10) as client:
-        yield client
 
 
 async def active_slots(stack: RelayStack, tenant: Any) -> int:

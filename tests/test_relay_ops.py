@@ -37,11 +37,6 @@ from voicerelay.logs import JsonFormatter
 FRAME_20MS = call_tests.FRAME_20MS
 
 
-# The same module-scoped stack (emulator, control API, relay) as the call tests.
-stack = call_tests.stack
-api = call_tests.api
-
-
 async def scrape(relay_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     async with httpx.AsyncClient(base_url=relay_url) as http:
         r = await http.get("/metrics")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -108,18 +107,6 @@ async def el_agent(
     agent_id = await stack.agent(api, tenant, emulated)
     r = await api.get(f"/v1/agents/{agent_id}", headers=auth(tenant))
     return agent_id, r.json()["elevenlabs_agent_id"]
-
-
-@pytest.fixture(scope="module")
-async def stack(settings: Settings) -> AsyncIterator[RelayStack]:
-    async with relay_stack(settings) as running:
-        yield running
-
-
-@pytest.fixture
-async def api(stack: RelayStack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=10) as client:
-        yield client
 
 
 ULAW_AGENT = EmulatedAgent(

@@ -44,12 +44,6 @@ async def stack(settings: Settings) -> AsyncIterator[RelayStack]:
 
 
 @pytest.fixture
-async def api(stack: RelayStack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=10) as client:
-        yield client
-
-
-@pytest.fixture
 async def phone(
     stack: RelayStack, api: httpx.AsyncClient, tenant: NewTenant, owner_conn: asyncpg.Connection
 ) -> PhoneCall:

@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 
-from tests import test_relay_call as call_tests
 from tests.support.relay_stack import (
     ConnectRefused,
     RelayStack,
@@ -26,10 +25,6 @@ from tests.support.relay_stack import (
 )
 from tests.test_relay_ops import scrape, value
 from voicerelay.emulators.elevenlabs import EmulatedAgent
-
-# The same module-scoped stack (emulator, control API, relay) as the call tests.
-stack = call_tests.stack
-api = call_tests.api
 
 # Connections a tenant may open at once; then one every 60 / TENANT_PER_MINUTE seconds (6 s):
 # long enough that the burst below cannot refill while it is being spent, short enough to wait.
