@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import engineio
 import socketio
 from engineio import async_socket, exceptions, packet
 
@@ -114,18 +113,13 @@ class _ReadDeadline:
         self._handle.cancel()
 
 
-class RelayEngineIOServer(engineio.AsyncServer):  # type: ignore[misc]
-    async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
-        if event == "connect":
-            # Engine.IO has just made the socket and has not started its transport yet.
-            sock = self.sockets.get(args[0])
-            if type(sock) is async_socket.AsyncSocket:
-                sock.__class__ = RelayEngineIOSocket
-        return await super()._trigger_event(event, *args, **kwargs)
-
-
 class RelaySocketIOServer(socketio.AsyncServer):  # type: ignore[misc]
-    """python-socketio's server on :class:`RelayEngineIOServer`."""
+    """python-socketio's server, its Engine.IO sockets running :class:`RelayEngineIOSocket`."""
 
-    def _engineio_server_class(self) -> type[engineio.AsyncServer]:
-        return RelayEngineIOServer
+    async def _handle_eio_connect(self, eio_sid: str, environ: Any) -> Any:
+        # Engine.IO has just made the socket and has not started its transport yet. Done here,
+        # once per connection, rather than in a hook every packet passes through.
+        sock = self.eio.sockets.get(eio_sid)
+        if type(sock) is async_socket.AsyncSocket:
+            sock.__class__ = RelayEngineIOSocket
+        return await super()._handle_eio_connect(eio_sid, environ)
