@@ -2,7 +2,7 @@
 with voicerelay's targeted client manager and with python-socketio's stock AsyncRedisManager.
 
     python -m loadtests.bench_scale [--replicas 1 --replicas 3 ...] [--managers targeted,stock]
-                                    [--calls 48] [--seconds 20] [--cross 0.25] [--json out.json]
+                                    [--calls 48 ...] [--seconds 20] [--cross 0.25] [--json out.json]
                                     [--calls-per-replica 16] [--profile DIR]
 
 The load is the same at every step: ``--calls`` concurrent callers (load-generator processes, as
@@ -22,11 +22,16 @@ where it reconnects, and what it measures is stock's every-emit-to-every-replica
 
 ``--calls-per-replica N`` instead gives each step N calls per replica: a replica's cost per call
 at a constant load per replica (with a fixed total, more replicas also means fewer calls per
-process, hence fewer frames handled per event-loop wake-up, which costs by itself).
+process, hence fewer frames handled per event-loop wake-up, which costs by itself). Several
+``--calls`` run each replica count at each total: ``--replicas 1 --calls 16 --calls 48`` shows
+that density effect on one replica alone. ``--managers floor`` runs the same steps on N of
+`make bench`'s plain-websockets floor relays instead of voicerelay: the density effect of the
+least a Python relay can do, with no cluster to blame.
 
 Measured over the steady-state window: every replica's CPU (user + system seconds), summed and
-per replica, per call-minute carried; the Redis server's CPU; frames echoed; the echo round trip
-through the relay. Everything runs on loopback and is stopped at the end. Not a test: read the
+per replica, per call-minute carried; the replicas' wake-ups (voluntary context switches) per
+second of call carried; the Redis server's CPU; frames echoed; the echo round trip through the
+relay. Everything runs on loopback and is stopped at the end. Not a test: read the
 ratios measured in the same run.
 """
 
@@ -43,7 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +60,18 @@ from loadtests import bench_callers
 from loadtests.bench_audio import percentile
 from loadtests.bench_callers import Caller, RelayCaller, _http_url
 from loadtests.bench_relay import RESULT_GRACE_SECONDS, RESULT_LINE_LIMIT, Generator, machine
-from loadtests.bench_stack import BenchStack, bench_stack, free_port
+from loadtests.bench_stack import BenchStack, StackError, bench_stack, free_port
 from loadtests.report import finish, markdown_table
 
 MANAGERS = ("targeted", "stock")
 # "local": python-socketio's in-process manager, no Redis routing or registry at all. Not a
 # way to run several replicas (a reconnect elsewhere starts a new conversation), but with
 # --cross 0 it is the control: what spreading the same calls over N processes costs by itself.
-CHOICES = (*MANAGERS, "local")
+# "floor": not voicerelay at all but N of the benchmark's plain-websockets relays
+# (loadtests/floor_relay.py), callers dealt round-robin, no cross-replica calls: what spreading
+# the same calls over N processes costs the least a Python relay can do.
+FLOOR = "floor"
+CHOICES = (*MANAGERS, "local", FLOOR)
 START_DELAY_SECONDS = 0.5
 REPLICA_START_SECONDS = 60.0
 SILENCE_MARGIN_MS = 500
@@ -74,7 +83,7 @@ IDLE_SECONDS = 1.5
 class Options:
     replicas: list[int]
     managers: list[str]
-    calls: int
+    calls: list[int]
     seconds: float
     warmup: float
     cross: float
@@ -135,6 +144,10 @@ class Measurement:
     connected: int = 0
     window_seconds: float = 0.0
     replica_cpu_seconds: list[float] = field(default_factory=list)
+    # Each replica's voluntary context switches in the window: how often it went to sleep
+    # waiting for work and was woken again. Every wake-up costs CPU of its own, so a replica
+    # carrying fewer calls (fewer frames handled per wake-up) costs more per call.
+    replica_wakeups: list[int] = field(default_factory=list)
     redis_cpu_seconds: float = 0.0
     frames_expected: int = 0
     frames_echoed: int = 0
@@ -170,6 +183,13 @@ class Measurement:
         return min(each), max(each)
 
     @property
+    def wakeups_per_call_second(self) -> float:
+        """All replicas' wake-ups per second of one call carried."""
+        if not self.connected or not self.window_seconds or not self.replica_wakeups:
+            return math.nan
+        return sum(self.replica_wakeups) / self.window_seconds / self.connected
+
+    @property
     def replica_core_percent(self) -> float:
         """Mean CPU use of one replica during the window, in percent of one core."""
         if not self.window_seconds or not self.replica_cpu_seconds:
@@ -202,6 +222,7 @@ class Measurement:
             per_replica_min=low,
             per_replica_max=high,
             replica_core_percent=self.replica_core_percent,
+            wakeups_per_call_second=self.wakeups_per_call_second,
             idle_core_percent=self.idle_core_percent,
             redis_per_call_minute=self.redis_per_call_minute,
             lost_fraction=self.lost_fraction,
@@ -263,6 +284,19 @@ def spawn_replicas(
     return started
 
 
+def spawn_floors(stack: BenchStack, count: int) -> list[Replica]:
+    """``count`` plain-websockets floor relays, each listening when this returns."""
+    started: list[Replica] = []
+    try:
+        for index in range(count):
+            floor = stack.start_floor()
+            started.append(Replica(f"floor-{index + 1}", floor.url, floor.process, floor.log_path))
+    except StackError:
+        stop_replicas(started)
+        raise
+    return started
+
+
 async def wait_ready(started: list[Replica]) -> None:
     deadline = time.monotonic() + REPLICA_START_SECONDS
     waiting = list(started)
@@ -299,6 +333,12 @@ def _cpu(process: psutil.Process) -> float:
         times = process.cpu_times()
         return float(times.user + times.system)
     return 0.0
+
+
+def _wakeups(process: psutil.Process) -> int:
+    with contextlib.suppress(psutil.Error):
+        return int(process.num_ctx_switches().voluntary)
+    return 0
 
 
 async def _tokens(stack: BenchStack, count: int) -> list[str]:
@@ -344,15 +384,20 @@ async def _measure(
     options: Options,
 ) -> None:
     # The generators and the call tokens get ready while the replicas start.
-    count = max(1, min(options.generators, options.calls))
+    count = max(1, min(options.generators, result.calls))
     generators = [
         await _start_generator(stack.logs / f"scale-generator-{i}.log") for i in range(count)
     ]
     through: list[float] = []
+    kind = "floor" if result.manager == FLOOR else "relay"
     try:
-        tokens = asyncio.create_task(_tokens(stack, options.calls))
-        await wait_ready(servers)
-        targets = plan_targets([r.url for r in servers], await tokens, options.cross)
+        if kind == "floor":
+            urls = [r.url.replace("http://", "ws://") + "/" for r in servers]
+            targets = [{"kind": kind, "url": urls[i % len(urls)]} for i in range(result.calls)]
+        else:
+            tokens = asyncio.create_task(_tokens(stack, result.calls))
+            await wait_ready(servers)
+            targets = plan_targets([r.url for r in servers], await tokens, options.cross)
         watched = [psutil.Process(r.process.pid) for r in servers]
         await asyncio.sleep(SETTLE_SECONDS)  # start-up work out of the idle baseline
         result.idle_core_fraction = await _cpu_over(watched, IDLE_SECONDS)
@@ -368,7 +413,7 @@ async def _measure(
             )
         for generator in generators:
             connected = await generator.receive(options.connect_timeout * 3 + 30)
-            result.connected += connected["ok"].get("relay", 0)
+            result.connected += connected["ok"].get(kind, 0)
             result.errors += connected["errors"]
 
         start_at = time.time() + START_DELAY_SECONDS
@@ -385,13 +430,16 @@ async def _measure(
             others[f"generator {i}"] = psutil.Process(generator.process.pid)
         await asyncio.sleep(max(0.0, measure_from - time.time()))
         before = [_cpu(p) for p in watched]
+        woken_before = [_wakeups(p) for p in watched]
         others_before = {name: _cpu(p) for name, p in others.items()}
         began = time.monotonic()
         await asyncio.sleep(max(0.0, measure_until - time.time()))
         after = [_cpu(p) for p in watched]
+        woken_after = [_wakeups(p) for p in watched]
         ended = time.monotonic()
         result.window_seconds = ended - began
         result.replica_cpu_seconds = [b - a for a, b in zip(before, after, strict=True)]
+        result.replica_wakeups = [b - a for a, b in zip(woken_before, woken_after, strict=True)]
         for name, process in others.items():
             used = _cpu(process) - others_before[name]
             result.other_cpu_percent[name] = round(100 * used / result.window_seconds, 1)
@@ -399,9 +447,9 @@ async def _measure(
 
         for generator in generators:
             report = await generator.receive(options.seconds + RESULT_GRACE_SECONDS)
-            through += report["rtt_ms"].get("relay", [])
-            result.frames_expected += report["expected"].get("relay", 0)
-            result.frames_echoed += report["echoed"].get("relay", 0)
+            through += report["rtt_ms"].get(kind, [])
+            result.frames_expected += report["expected"].get(kind, 0)
+            result.frames_echoed += report["echoed"].get(kind, 0)
             result.errors += report["errors"]
     finally:
         await asyncio.gather(*(g.stop() for g in generators))
@@ -410,14 +458,23 @@ async def _measure(
 
 
 def measure(
-    stack: BenchStack, redis_pid: int, manager: str, count: int, options: Options
+    stack: BenchStack, redis_pid: int, manager: str, count: int, calls: int, options: Options
 ) -> Measurement:
     if options.calls_per_replica is not None:
-        options = replace(options, calls=options.calls_per_replica * count)
-    cross = sum(cross_replica(i, options.cross, count) for i in range(options.calls))
-    result = Measurement(manager=manager, replicas=count, calls=options.calls, cross_calls=cross)
+        calls = options.calls_per_replica * count
+    cross = (
+        0 if manager == FLOOR else sum(cross_replica(i, options.cross, count) for i in range(calls))
+    )
+    result = Measurement(manager=manager, replicas=count, calls=calls, cross_calls=cross)
     result.load_average = os.getloadavg()[0]
-    servers = spawn_replicas(stack, count, manager, options.profile, options.replica_cpus)
+    if manager == FLOOR:
+        try:
+            servers = spawn_floors(stack, count)
+        except StackError as exc:
+            result.errors.append(str(exc))
+            return result
+    else:
+        servers = spawn_replicas(stack, count, manager, options.profile, options.replica_cpus)
     try:
         asyncio.run(_measure(stack, redis_pid, servers, result, options))
     except Exception as exc:
@@ -489,10 +546,14 @@ def _percent(value: float) -> str:
 
 
 def _baselines(measurements: list[Measurement]) -> dict[str, Measurement]:
+    """Per manager, the one-replica step all its others are compared with (with several
+    ``--calls``, the one carrying the most calls)."""
     found: dict[str, Measurement] = {}
     for m in measurements:
-        if m.replicas == 1 and not math.isnan(m.cpu_per_call_minute):
-            found.setdefault(m.manager, m)
+        if m.replicas != 1 or math.isnan(m.cpu_per_call_minute):
+            continue
+        if m.manager not in found or m.calls > found[m.manager].calls:
+            found[m.manager] = m
     return found
 
 
@@ -506,6 +567,7 @@ def table(measurements: list[Measurement]) -> str:
         "per replica, min to max",
         "x 1 replica",
         "CPU per replica",
+        "wake-ups per call-second",
         "idle",
         "Redis CPU s per call-minute",
         "frames lost",
@@ -529,6 +591,7 @@ def table(measurements: list[Measurement]) -> str:
                 f"{_number(low)} to {_number(high)}",
                 ratio,
                 _percent(m.replica_core_percent),
+                _number(m.wakeups_per_call_second, 1),
                 _percent(m.idle_core_percent),
                 _number(m.redis_per_call_minute),
                 "—" if math.isnan(m.lost_fraction) else f"{m.lost_fraction:.2%}",
@@ -539,14 +602,18 @@ def table(measurements: list[Measurement]) -> str:
 
 
 def ratios(measurements: list[Measurement]) -> str:
-    """Per manager: the cluster's CPU per call-minute at each N relative to one replica."""
+    """Per manager: the cluster's CPU per call-minute at each step relative to one replica."""
     baselines = _baselines(measurements)
     lines = []
     for manager, base in baselines.items():
+        steps = [m for m in measurements if m.manager == manager and m is not base]
+        # Name the calls too where a step's total differs from the baseline's.
         parts = [
-            f"{m.replicas} replicas {m.cpu_per_call_minute / base.cpu_per_call_minute:.2f}x"
-            for m in measurements
-            if m.manager == manager and m.replicas != 1 and not math.isnan(m.cpu_per_call_minute)
+            f"{m.replicas} replicas"
+            + (f" ({m.calls} calls)" if m.calls != base.calls else "")
+            + f" {m.cpu_per_call_minute / base.cpu_per_call_minute:.2f}x"
+            for m in steps
+            if not math.isnan(m.cpu_per_call_minute)
         ]
         if parts:
             lines.append(f"{manager}: vs 1 replica: " + ", ".join(parts))
@@ -585,9 +652,14 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument(
         "--managers",
         default=",".join(MANAGERS),
-        help="Comma-separated RELAY_CLIENT_MANAGER values to compare (targeted, stock, local).",
+        help="Comma-separated: RELAY_CLIENT_MANAGER values (targeted, stock, local) or floor.",
     )
-    parser.add_argument("--calls", type=int, default=48, help="Concurrent calls, every step.")
+    parser.add_argument(
+        "--calls",
+        type=int,
+        action="append",
+        help="Concurrent calls of a step; repeatable, each with every replica count (default 48).",
+    )
     parser.add_argument(
         "--calls-per-replica",
         type=int,
@@ -632,14 +704,15 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     # 3 is where the target is judged (at most 1.2x one replica); the rest show the trend.
     counts = args.replicas or [1, 2, 3, 4, 8]
     per_replica = args.calls_per_replica
-    if min(counts) < 1 or args.calls < 1 or args.seconds <= 0 or not 0 <= args.cross <= 1:
+    calls = args.calls or [48]
+    if min(counts) < 1 or min(calls) < 1 or args.seconds <= 0 or not 0 <= args.cross <= 1:
         parser.error("--replicas >= 1, --calls >= 1, --seconds > 0, 0 <= --cross <= 1")
     if per_replica is not None and per_replica < 1:
         parser.error("--calls-per-replica >= 1")
     options = Options(
         replicas=counts,
         managers=managers,
-        calls=args.calls,
+        calls=calls,
         seconds=args.seconds,
         warmup=args.warmup,
         cross=args.cross,
@@ -682,10 +755,18 @@ def run_benchmark(options: Options, logs: Path) -> list[Measurement]:
         own_redis() as (_, redis_pid),
         bench_stack(logs, frame_ms=options.frame_ms, talk_frames=options.talk_frames) as stack,
     ):
+        # With --calls-per-replica the replica count alone sets a step's calls.
+        totals = options.calls if options.calls_per_replica is None else options.calls[:1]
         for manager in options.managers:
-            for count in options.replicas:
-                print(f"… {manager}, {count} replica(s)", file=sys.stderr, flush=True)
-                measurements.append(measure(stack, redis_pid, manager, count, options))
+            for calls in totals:
+                for count in options.replicas:
+                    each = (
+                        f"{options.calls_per_replica} calls each"
+                        if options.calls_per_replica
+                        else f"{calls} calls"
+                    )
+                    print(f"… {manager}, {count} replica(s), {each}", file=sys.stderr, flush=True)
+                    measurements.append(measure(stack, redis_pid, manager, count, calls, options))
     return measurements
 
 
@@ -710,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         + (
             f" {options.calls_per_replica} calls per replica,"
             if options.calls_per_replica is not None
-            else f" {options.calls} calls,"
+            else f" {', '.join(map(str, options.calls))} calls,"
         )
         + f" {options.frame_ms} ms PCM16 16 kHz frames in real time,"
         f" {options.seconds:g} s measured per step after {options.warmup:g} s warm-up;"

@@ -394,16 +394,25 @@ def test_bench_table_reports_the_sum_per_replica_spread_and_ratio_to_one_replica
     four.replica_cpu_seconds = [6.0, 6.0, 7.2, 7.2]
     stock = Measurement("stock", 4, 48, 12, connected=48, window_seconds=60.0)
     stock.replica_cpu_seconds = [24.0, 24.0, 24.0, 24.0]
+    four.replica_wakeups = [36_000, 36_000, 36_000, 36_000]
     assert one.cpu_per_call_minute == 0.5
+    assert four.wakeups_per_call_second == 50.0
+    assert math.isnan(one.wakeups_per_call_second)
     assert math.isclose(four.cpu_per_call_minute, 0.55)
     assert four.per_replica_range == (0.5, 0.6)
     rows = table([one, four, stock]).splitlines()
     assert "1.10x" in rows[3]
     assert "0.500 to 0.600" in rows[3]
     assert "48/48 (12)" in rows[3]
+    assert "| 50.0 " in rows[3]
     summary = ratios([one, four, stock])
     assert "targeted: vs 1 replica: 4 replicas 1.10x" in summary
     assert "4 replicas: stock costs 3.64x targeted" in summary
+    # With several totals, the single replica carrying the most calls is the baseline.
+    sparse = Measurement("targeted", 1, 16, 4, connected=16, window_seconds=60.0)
+    sparse.replica_cpu_seconds = [12.0]
+    assert "targeted: vs 1 replica: 1 replicas (16 calls) 1.50x" in ratios([sparse, one])
+    assert "1.50x" in table([sparse, one]).splitlines()[2]
 
 
 @pytest.mark.slow
@@ -416,6 +425,7 @@ def test_bench_scale_runs_end_to_end(tmp_path: Path) -> None:
         "-m",
         "loadtests.bench_scale",
         "--replicas=2",
+        "--managers=targeted,stock,floor",
         "--calls=2",
         "--cross=0.5",
         "--seconds=2",
@@ -430,11 +440,17 @@ def test_bench_scale_runs_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{tails}"
     assert "relay CPU s per call-minute" in done.stdout
     measured = json.loads(report.read_text())["measurements"]
-    assert [(m["manager"], m["replicas"]) for m in measured] == [("targeted", 2), ("stock", 2)]
+    assert [(m["manager"], m["replicas"]) for m in measured] == [
+        ("targeted", 2),
+        ("stock", 2),
+        ("floor", 2),
+    ]
     for m in measured:
         assert m["connected"] == 2, m
-        assert m["cross_calls"] == 1, m
+        assert m["cross_calls"] == (0 if m["manager"] == "floor" else 1), m
         assert m["errors"] == [], m
         assert len(m["replica_cpu_seconds"]) == 2, m
         assert math.isfinite(m["cpu_per_call_minute"]), m
         assert m["frames_echoed"] > 0, m
+        assert len(m["replica_wakeups"]) == 2, m
+        assert m["wakeups_per_call_second"] > 0, m
