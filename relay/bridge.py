@@ -52,6 +52,7 @@ from relay.cluster.registry import (
 from relay.outbox import Outbox, Outgoing
 from relay.protocol import client as wire
 from relay.protocol.close_codes import (
+    AGENT_END_CALL,
     CALLER_HANGUP,
     CLIENT_GONE,
     IDLE_TIMEOUT,
@@ -64,6 +65,7 @@ from relay.protocol.elevenlabs import (
     AgentAudio,
     AgentResponse,
     AgentResponseCorrection,
+    AgentToolResponse,
     ClientToolCall,
     ConversationStarted,
     ElevenLabsProtocol,
@@ -107,6 +109,10 @@ class BridgeOptions:
     client_backlog_packets: int = 16
     # How long the end of a call waits for ``call.ended`` to be handed to the clients.
     end_flush_seconds: float = 2.0
+    # After the agent's end_call tool, ElevenLabs closes the conversation itself; if it has
+    # not within this long of the agent's last audio, the relay ends the call (the tenant's
+    # slot must not stay held by a conversation that is over).
+    agent_end_call_close_seconds: float = 5.0
 
 
 class Emitter(Protocol):
@@ -215,6 +221,8 @@ class CallBridge:
         self.created_at = time.monotonic()
         self._last_audio = self.created_at
         self._caller_left_at: float | None = None
+        # When the agent ran its end_call tool, moved on by any agent audio after it.
+        self._agent_hung_up_at: float | None = None
         self._end: CallEnd | None = None
         self._done = asyncio.Event()
         self._wake = asyncio.Event()
@@ -375,6 +383,9 @@ class CallBridge:
             self._on_upstream_event(event, upstream.received_at)
             if self._end is not None:
                 return None
+        if self._agent_hung_up_at is not None:
+            # The agent ended the conversation on purpose; however its socket then closed.
+            return AGENT_END_CALL
         return upstream.end()
 
     def _on_started(self, started: ConversationStarted) -> None:
@@ -663,6 +674,8 @@ class CallBridge:
                 else:
                     self._send_audio(wire.EV_AUDIO, converted, self.room, received_at)
             self._last_audio = time.monotonic()
+            if self._agent_hung_up_at is not None:
+                self._agent_hung_up_at = self._last_audio
         elif isinstance(event, Interruption):
             if self.phone is not None:
                 self.phone.interrupt()  # before anything else: the caller hears the cut first
@@ -692,6 +705,10 @@ class CallBridge:
             )
             if self.phone is not None:
                 self.phone.tool_call(event)
+        elif isinstance(event, AgentToolResponse):
+            if event.ends_call and not event.is_error and self._agent_hung_up_at is None:
+                self._agent_hung_up_at = time.monotonic()
+                self._wake.set()  # the watcher keeps the deadline for the close
         elif isinstance(event, UpstreamError):
             log.warning(
                 "agent reported an error",
@@ -797,6 +814,12 @@ class CallBridge:
                 if now >= grace_deadline:
                     self.end(CLIENT_GONE)
                     return
+            hang_up_deadline = float("inf")
+            if self._agent_hung_up_at is not None:
+                hang_up_deadline = self._agent_hung_up_at + options.agent_end_call_close_seconds
+                if now >= hang_up_deadline:
+                    self.end(AGENT_END_CALL)
+                    return
             if cluster is not None and (now >= next_lease or self._renew_now):
                 self._renew_now = False
                 next_lease = now + await self._renew_lease(cluster)
@@ -808,7 +831,13 @@ class CallBridge:
                 next_usage = now + options.usage_interval_seconds
                 self._log_event("usage", **self.usage())
             wake_at = min(
-                max_deadline, idle_deadline, grace_deadline, next_renew, next_usage, next_lease
+                max_deadline,
+                idle_deadline,
+                grace_deadline,
+                hang_up_deadline,
+                next_renew,
+                next_usage,
+                next_lease,
             )
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

@@ -512,20 +512,23 @@ def test_client_tool_error_result() -> None:
     assert out(s)[0]["agent_response_event"]["agent_response"] == "lookup failed: boom"
 
 
-def test_end_call() -> None:
+@pytest.mark.parametrize(("script", "closes"), [("end", True), ("end:open", False)])
+def test_end_call(script: str, closes: bool) -> None:
+    """``end:open`` is an agent that ends the call and leaves its socket open."""
     s = started()
-    s.receive_text(user_message("end"), 0.0)
+    s.receive_text(user_message(script), 0.0)
     messages = out(s)
     assert [m["type"] for m in messages] == [
         "user_transcript",
         "agent_response",
         "agent_tool_response",
-        "close",
+        *(["close"] if closes else []),
     ]
     assert messages[2]["agent_tool_response"]["tool_name"] == "end_call"
-    assert messages[3]["code"] == 1000
-    assert s.closed
-    assert s.next_deadline() is None
+    assert s.closed == closes
+    if closes:
+        assert messages[3]["code"] == 1000
+        assert s.next_deadline() is None
 
 
 def test_text_commands_map_other_texts_to_scripted_commands() -> None:

@@ -22,6 +22,9 @@ None / 1006                    upstream_lost        connection_lost (or, when an
                                                     came first, as for that error's code)
 anything else                  upstream_error       close_<code>
 =============================  ===================  =============================================
+
+After the agent's ``end_call`` tool (``agent_tool_response``), the relay ends the call
+``AGENT_END_CALL`` (agent_ended / end_call) whatever close follows (relay.bridge).
 """
 
 from __future__ import annotations

@@ -38,6 +38,8 @@ from voicerelay.settings import Settings
 
 # Short enough that the vanished-caller test is quick, long enough for a reconnect in tests.
 TEST_CALLER_GRACE_SECONDS = 1.5
+# How long a call waits for the agent's socket to close after its end_call tool.
+TEST_AGENT_END_CALL_CLOSE_SECONDS = 1.0
 
 
 @dataclass
@@ -122,7 +124,11 @@ async def serve_relay(
     settings: Settings, *, options: RelayOptions | None = None, port: int | None = None
 ) -> AsyncIterator[tuple[str, Any]]:
     options = options or RelayOptions(
-        BridgeOptions(caller_grace_seconds=TEST_CALLER_GRACE_SECONDS, usage_interval_seconds=1.0)
+        BridgeOptions(
+            caller_grace_seconds=TEST_CALLER_GRACE_SECONDS,
+            usage_interval_seconds=1.0,
+            agent_end_call_close_seconds=TEST_AGENT_END_CALL_CLOSE_SECONDS,
+        )
     )
     app = create_relay_app(settings, options)
     async with serve(app, port=port) as url:

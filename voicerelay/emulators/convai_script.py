@@ -50,6 +50,8 @@ them; anything else gets ``user_transcript`` + ``agent_response``
   "<name> returned: <result>" (or "<name> failed: <result>" when ``is_error``) and a tone.
 - ``tone:<seconds>`` → a reply with that much tone (at most 120 s), e.g. to talk over.
 - ``end`` → ``agent_response`` "Goodbye!", ``agent_tool_response`` (end_call) and close 1000.
+- ``end:open`` → the same without the close: an agent that ends the call and leaves its socket
+  open.
 - ``error:quota`` → the flat ``{"type": "error", "message": "...quota..."}`` seen from ElevenLabs,
   then close 1002.
 - ``error:<error_type>`` → ``{"type": "error", "error_event": {code, error_type, message}}`` and a
@@ -576,8 +578,8 @@ class ConvAIScript:
         )
         text = self.agent.text_commands.get(text.strip(), text)
         command, _, argument = text.strip().partition(":")
-        if text.strip() == "end":
-            self._end_call(now)
+        if text.strip() in ("end", "end:open"):
+            self._end_call(close=text.strip() == "end")
         elif text.strip() == "silence":
             self.state = "silent"
             self._reply = None
@@ -644,7 +646,7 @@ class ConvAIScript:
             f"{name} {verb}: {result}", tone(self.output_format, self._text_seconds()), now
         )
 
-    def _end_call(self, now: float) -> None:
+    def _end_call(self, *, close: bool) -> None:
         self._send(
             "agent_response",
             agent_response_event={"agent_response": "Goodbye!", "event_id": self._next_id()},
@@ -660,7 +662,8 @@ class ConvAIScript:
                 "event_id": self._next_id(),
             },
         )
-        self._close(1000, "end_call")
+        if close:
+            self._close(1000, "end_call")
 
     # --- Agent speech --------------------------------------------------------------------
 
