@@ -58,8 +58,8 @@ bench: install
 	$(VENV)/bin/python -m loadtests.bench_relay $(BENCH_ARGS)
 
 # Relay CPU per call-minute, summed over replicas and per replica, with the same 48 calls spread
-# over 1, 2, 3, 4 and 8 replicas, for the targeted client manager and python-socketio's stock
-# AsyncRedisManager, in one run (about 5 minutes; not a test).
+# over 1, 2, 3, 4 and 8 replicas, for the targeted client manager, python-socketio's stock
+# AsyncRedisManager and N plain-websockets floor relays, in one run (about 7 minutes; not a test).
 # Extra flags: make bench-scale BENCH_ARGS="--replicas 1 --replicas 3 --seconds 10".
 bench-scale: install
 	$(VENV)/bin/python -m loadtests.bench_scale $(BENCH_ARGS)

@@ -1,7 +1,8 @@
 """`make bench-scale`: relay CPU per call-minute as one load spreads over 1, 2, 3, 4 and 8 replicas,
-with voicerelay's targeted client manager and with python-socketio's stock AsyncRedisManager.
+with voicerelay's targeted client manager, with python-socketio's stock AsyncRedisManager and,
+as the control, with N plain-websockets floor relays.
 
-    python -m loadtests.bench_scale [--replicas 1 --replicas 3 ...] [--managers targeted,stock]
+    python -m loadtests.bench_scale [--replicas 1 --replicas 3 ...] [--managers targeted,stock,floor]
                                     [--calls 48 ...] [--seconds 20] [--cross 0.25] [--json out.json]
                                     [--calls-per-replica 16] [--profile DIR]
 
@@ -651,7 +652,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     )
     parser.add_argument(
         "--managers",
-        default=",".join(MANAGERS),
+        default=",".join((*MANAGERS, FLOOR)),
         help="Comma-separated: RELAY_CLIENT_MANAGER values (targeted, stock, local) or floor.",
     )
     parser.add_argument(
