@@ -285,13 +285,15 @@ def spawn_replicas(
     return started
 
 
-def spawn_floors(stack: BenchStack, count: int) -> list[Replica]:
+def spawn_floors(stack: BenchStack, count: int, cpus: list[int] | None = None) -> list[Replica]:
     """``count`` plain-websockets floor relays, each listening when this returns."""
     started: list[Replica] = []
     try:
         for index in range(count):
             floor = stack.start_floor()
             started.append(Replica(f"floor-{index + 1}", floor.url, floor.process, floor.log_path))
+            if cpus is not None:  # before any call: the same layout as the replicas
+                os.sched_setaffinity(floor.pid, cpus)
     except StackError:
         stop_replicas(started)
         raise
@@ -470,7 +472,7 @@ def measure(
     result.load_average = os.getloadavg()[0]
     if manager == FLOOR:
         try:
-            servers = spawn_floors(stack, count)
+            servers = spawn_floors(stack, count, options.replica_cpus)
         except StackError as exc:
             result.errors.append(str(exc))
             return result
