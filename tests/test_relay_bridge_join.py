@@ -18,79 +18,11 @@ from typing import Any, cast
 
 import pytest
 
-from relay.bridge import BridgeOptions, BridgeServices, CallBridge
+from relay.bridge import CallBridge
 from relay.cluster.registry import CallRecord, ClusterRegistry
 from relay.cluster.remote import JOIN, LEAVE, OwnerRouting, RemoteCalls
-from relay.registry import CallRegistry, Participant, call_room
-from relay.sessions import CallSession
-from voicerelay.settings import Settings
-
-
-class GatedEmitter:
-    """An emitter whose ``enter_room`` waits, for the sids given a gate, until it is opened."""
-
-    def __init__(self) -> None:
-        self.gates: dict[str, asyncio.Event] = {}
-        self.waiting: dict[str, asyncio.Event] = {}
-        self.rooms: list[tuple[str, str]] = []
-        self.disconnected: list[str] = []
-        self.emitted: list[tuple[str, str]] = []
-
-    def gate(self, sid: str) -> None:
-        self.gates[sid] = asyncio.Event()
-        self.waiting[sid] = asyncio.Event()
-
-    async def emit(self, event: str, data: Any, *, room: str) -> None:
-        self.emitted.append((event, room))
-
-    async def enter_room(self, sid: str, room: str) -> None:
-        gate = self.gates.get(sid)
-        if gate is not None:
-            self.waiting[sid].set()
-            await gate.wait()
-        self.rooms.append((sid, room))
-
-    async def disconnect(self, sid: str) -> None:
-        self.disconnected.append(sid)
-
-    def backlog(self, sid: str) -> int:
-        return 0
-
-    async def hand_off(self, sid: str, reason: str) -> None:
-        self.disconnected.append(sid)
-
-
-class NullCallLog:
-    def emit(self, event: Any) -> None:
-        pass
-
-
-def session() -> CallSession:
-    return CallSession.model_validate(
-        {
-            "call_id": str(uuid.uuid4()),
-            "tenant_id": str(uuid.uuid4()),
-            "role": "caller",
-            "status": "active",
-            "agent": {
-                "id": str(uuid.uuid4()),
-                "elevenlabs_agent_id": "agent",
-                "input_audio_format": "pcm_16000",
-                "output_audio_format": "pcm_16000",
-                "allowed_origins": [],
-            },
-            "client_audio_format": "pcm_16000",
-            "conversation_initiation": {
-                "conversation_config_override": {},
-                "dynamic_variables": {},
-            },
-            "upstream_url": "ws://127.0.0.1:9/unused",
-            "upstream_url_expires_at": None,
-            "max_duration_seconds": 600,
-            "tenant_max_concurrent_calls": 10,
-            "conversation_ids": [],
-        }
-    )
+from relay.registry import Participant, call_room
+from tests.support.bridges import GatedEmitter, session, unstarted_bridge
 
 
 def caller(bridge: CallBridge, sid: str) -> Participant:
@@ -107,15 +39,7 @@ def emitter() -> GatedEmitter:
 @pytest.fixture
 def bridge(emitter: GatedEmitter) -> CallBridge:
     # Never started: joins and leaves are all these tests exercise.
-    services = BridgeServices(
-        settings=Settings(),
-        emitter=emitter,
-        registry=CallRegistry(),
-        call_log=cast(Any, NullCallLog()),
-        cap=cast(Any, None),
-        options=BridgeOptions(),
-    )
-    return CallBridge(services, session())
+    return unstarted_bridge(emitter)
 
 
 async def join_gated(bridge: CallBridge, emitter: GatedEmitter, sid: str) -> asyncio.Task[None]:
